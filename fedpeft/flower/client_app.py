@@ -1,0 +1,178 @@
+"""The ClientApp: local LoRA training and evaluation behind Flower messages.
+
+Handlers:
+
+* ``query.hello`` — report this node's partition id and node config (device
+  profile) so the server can plan per node;
+* ``train`` — decode the payload, let the strategy's ``ClientAlgorithm`` choose the
+  starting adapter and trainable tensors, train, and reply with the encoded upload,
+  ``num-examples`` and training metrics;
+* ``evaluate`` — evaluate the received adapter on the local held-out split.
+
+Client state that must survive rounds (the algorithm's state, codec residuals)
+lives in ``Context.state``; the model and the tokenised data are cached per process
+(see :mod:`fedpeft.tasks.model`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpeft.codecs import CodecContext, build_codec
+from fedpeft.config import RunConfig, parse_run_config
+from fedpeft.flower import records as rec
+from fedpeft.flower.wire import decode_tensors, encode_tensors
+from fedpeft.registry import get_strategy
+from fedpeft.seeding import derive_seed
+
+_CONFIGS: dict[frozenset[tuple[str, Any]], RunConfig] = {}
+
+
+def _config(context: Context, bound: Mapping[str, Any]) -> RunConfig:
+    flat = {**dict(context.run_config), **bound}
+    key = frozenset((k, v) for k, v in flat.items())
+    if key not in _CONFIGS:
+        _CONFIGS[key] = parse_run_config(flat)
+    return _CONFIGS[key]
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    node_config = context.node_config
+    return int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", 1))
+
+
+def _client_algorithm(cfg: RunConfig) -> Any:
+    from fedpeft.flower.server_app import strategy_env
+
+    return get_strategy(cfg.strategy.name).build(cfg.options, strategy_env(cfg)).client
+
+
+def handle_hello(msg: Message, context: Context, bound: Mapping[str, Any]) -> Message:
+    """Report partition id, partition count and the node config's scalars."""
+    pid, num = _partition(context)
+    props: dict[str, Any] = {"partition-id": pid, "num-partitions": num}
+    for key, value in context.node_config.items():
+        if isinstance(value, (int, float, str, bool)) and key not in props:
+            props[key] = value
+    return Message(RecordDict({rec.CONFIG: ConfigRecord(props)}), reply_to=msg)
+
+
+def handle_train(msg: Message, context: Context, bound: Mapping[str, Any]) -> Message:
+    """One round of local training."""
+    from fedpeft.tasks import get_task
+
+    started = time.perf_counter()
+    cfg = _config(context, bound)
+    config = msg.content[rec.CONFIG]
+    server_round = int(config[rec.SERVER_ROUND])
+    plan = rec.config_to_plan(config, context.node_id)
+    pid, num = _partition(context)
+    task = get_task(cfg)
+    model = task.model(plan.rank)
+    algorithm = _client_algorithm(cfg)
+
+    downlink, uplink = build_codec(cfg.codec.downlink), build_codec(cfg.codec.uplink)
+    down_ctx = CodecContext(
+        seed=derive_seed(cfg.seed, "downlink", server_round, plan.partition_id),
+        direction="downlink",
+    )
+    payload = rec.record_to_payload(msg.content[rec.ARRAYS], msg.content.get(rec.CODEC))
+    received = decode_tensors(payload, downlink, down_ctx)
+
+    state = (
+        rec.record_to_tensors(context.state[rec.CLIENT_STATE])
+        if rec.CLIENT_STATE in context.state
+        else {}
+    )
+    start, trainable = algorithm.start(received, model.initial, state, plan)
+    model.load(start)
+    train_data, _ = task.client_data(pid, num)
+    penalty_hook = getattr(algorithm, "penalty", None)
+    penalty = (lambda params: penalty_hook(params, plan)) if callable(penalty_hook) else None
+    result = task.train(model, train_data, trainable, plan.seed, penalty)
+    trained = model.tensors()
+    upload, new_state = algorithm.finish(trained, received, state, plan)
+    context.state[rec.CLIENT_STATE] = rec.tensors_to_record(new_state)
+
+    codec_state = (
+        rec.record_to_arrays(context.state[rec.CODEC_STATE])
+        if rec.CODEC_STATE in context.state
+        else {}
+    )
+    up_ctx = CodecContext(
+        seed=derive_seed(cfg.seed, "uplink", server_round, plan.partition_id),
+        direction="uplink",
+        reference=received,
+    )
+    encoded, codec_state = encode_tensors(upload, uplink, codec_state, up_ctx)
+    context.state[rec.CODEC_STATE] = rec.arrays_to_record(codec_state)
+    arrays, meta = rec.payload_to_record(encoded)
+    metrics = {
+        rec.NUM_EXAMPLES: result.num_examples,
+        "train-loss": result.loss if result.steps else 0.0,
+        "steps": result.steps,
+        "train-seconds": result.seconds,
+        "client-seconds": time.perf_counter() - started,
+    }
+    content = RecordDict(
+        {rec.ARRAYS: arrays, rec.CODEC: meta, rec.METRICS: rec.metrics_record(metrics)}
+    )
+    return Message(content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, bound: Mapping[str, Any]) -> Message:
+    """Evaluate the received global adapter on the local held-out split."""
+    from fedpeft.tasks import get_task
+
+    cfg = _config(context, bound)
+    plan = rec.config_to_plan(msg.content[rec.CONFIG], context.node_id)
+    pid, num = _partition(context)
+    task = get_task(cfg)
+    model = task.model(plan.rank)
+    received = rec.record_to_tensors(msg.content[rec.ARRAYS])
+    start, _ = _client_algorithm(cfg).start(
+        received,
+        model.initial,
+        rec.record_to_tensors(context.state[rec.CLIENT_STATE])
+        if rec.CLIENT_STATE in context.state
+        else {},
+        plan,
+    )
+    model.load(start)
+    _, test = task.client_data(pid, num)
+    metrics: dict[str, float | int] = dict(task.evaluate(model, test))
+    metrics[rec.NUM_EXAMPLES] = len(test)
+    return Message(RecordDict({rec.METRICS: rec.metrics_record(metrics)}), reply_to=msg)
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ``ClientApp``; ``overrides`` take precedence over the run config (see
+    :func:`fedpeft.flower.server_app.make_server_app`)."""
+    app = ClientApp()
+    bound = dict(overrides or {})
+
+    @app.query("hello")
+    def hello(msg: Message, context: Context) -> Message:
+        return handle_hello(msg, context, bound)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, bound)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, bound)
+
+    return app
+
+
+app = make_client_app()
+"""The ClientApp ``flwr run`` loads (``[tool.flwr.app.components]``)."""
+
+__all__ = ["app", "make_client_app"]
+

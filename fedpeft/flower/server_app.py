@@ -1,0 +1,657 @@
+"""The ServerApp and the one class that subclasses Flower's ``Strategy``.
+
+``FlowerStrategyAdapter`` turns a :class:`~fedpeft.registry.FedStrategy` (selector,
+aggregator, client algorithm) plus the configured codecs into Flower's five
+strategy methods; Flower's ``Strategy.start`` owns the round loop.
+
+Per round:
+
+1. ``configure_train``: the selector plans the round; each planned client gets the
+   aggregator's ``client_payload``, encoded with the downlink codec, in its own
+   message.
+2. ``aggregate_train``: error replies are logged and dropped; every other reply is
+   decoded and validated (keys, shapes for the client's rank, dtype, finite values)
+   — a bad one is rejected with a logged reason and never touches the global
+   state; the aggregator runs on what is left; the selector gets feedback.
+3. ``evaluate_fn`` (centralised evaluation) writes the round's results.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft.codecs import CodecContext, build_codec
+from fedpeft.codecs.base import Chain, CodecState
+from fedpeft.config import RunConfig, parse_run_config
+from fedpeft.errors import CodecError, ConfigError, FedPeftError, IncompatibleUpdateError
+from fedpeft.flower import records as rec
+from fedpeft.flower.wire import decode_tensors, encode_tensors
+from fedpeft.ledger import ByteLedger
+from fedpeft.lora.ops import aggregation_error
+from fedpeft.lora.peft_io import (
+    AdapterLayout,
+    base_delta_module,
+    is_base_delta_key,
+    shape_for_rank,
+    split_adapter,
+)
+from fedpeft.registry import FedStrategy, StrategyEnv, get_strategy
+from fedpeft.results import RunResults, write_config
+from fedpeft.seeding import derive_seed
+from fedpeft.selection import UniformSelector
+from fedpeft.types import ClientPlan, ClientUpdate, NodeInfo, RoundOutput, TensorDict
+
+log = logging.getLogger("fedpeft")
+
+AUX_PREFIX = "aux."
+"""Uploaded keys with this prefix are strategy-defined auxiliary tensors (checked
+for finite values only)."""
+
+
+class Observer:
+    """Progress callbacks (the CLI's progress display implements them)."""
+
+    def run_start(self, num_rounds: int, out_dir: pathlib.Path) -> None:
+        """The run is configured and about to start."""
+
+    def round_start(self, server_round: int, num_clients: int) -> None:
+        """Training messages for ``server_round`` were sent."""
+
+    def reply(self, server_round: int, node_id: int, ok: bool) -> None:
+        """One reply arrived."""
+
+    def round_end(self, record: Mapping[str, Any]) -> None:
+        """The round's results were written."""
+
+
+def strategy_env(cfg: RunConfig) -> StrategyEnv:
+    """Run-level facts handed to a strategy's ``build``."""
+    return StrategyEnv(
+        seed=cfg.seed,
+        num_rounds=cfg.federation.rounds,
+        clients_per_round=cfg.federation.sampled,
+        rank=cfg.lora.max_rank,
+        ranks=cfg.lora.rank_list,
+        lora_alpha=cfg.lora.alpha,
+    )
+
+
+def build_strategy(cfg: RunConfig) -> tuple[FedStrategy, Chain, Chain]:
+    """The configured strategy and codecs, with their compatibility checked.
+
+    Raises:
+        ConfigError: a lossy codec with a strategy that needs exact tensors.
+    """
+    fed = get_strategy(cfg.strategy.name).build(cfg.options, strategy_env(cfg))
+    uplink, downlink = build_codec(cfg.codec.uplink), build_codec(cfg.codec.downlink)
+    if not fed.lossy_codecs:
+        lossy = [
+            f"codec.{d}={c.name!r}" for d, c in (("uplink", uplink), ("downlink", downlink))
+            if not c.lossless
+        ]
+        if lossy:
+            raise ConfigError(
+                f"strategy {cfg.strategy.name!r} needs exact client tensors and cannot be "
+                f"combined with the lossy codec {', '.join(lossy)}; use a lossless chain "
+                "such as 'identity' or 'zstd'"
+            )
+    return fed, uplink, downlink
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round besides the aggregate (for results)."""
+
+    started: float = 0.0
+    sampled: int = 0
+    replies: int = 0
+    rejected: int = 0
+    failed: int = 0
+    reasons: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    clients: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FlowerStrategyAdapter(Strategy):
+    """Runs a ``FedStrategy`` through Flower's strategy interface.
+
+    Args:
+        cfg: the parsed run config.
+        fed: the strategy's components.
+        uplink: the uplink codec chain.
+        downlink: the downlink codec chain.
+        nodes: the nodes found at start-up.
+        initial: the initial global adapter.
+        layout: adapter layout (scaling) for LoRA telemetry.
+        observer: progress callbacks.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        fed: FedStrategy,
+        uplink: Chain,
+        downlink: Chain,
+        nodes: Sequence[NodeInfo],
+        initial: TensorDict,
+        layout: AdapterLayout,
+        observer: Observer | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.fed = fed
+        self.uplink = uplink
+        self.downlink = downlink
+        self.nodes = list(nodes)
+        self.layout = layout
+        self.observer = observer or Observer()
+        self.selector = fed.selector or UniformSelector(
+            clients_per_round=cfg.federation.sampled,
+            rank=cfg.lora.max_rank,
+            ranks=cfg.lora.rank_list,
+            seed=cfg.seed,
+        )
+        self.global_tensors: TensorDict = dict(initial)
+        self.state: Any = fed.aggregator.initialize(self.global_tensors)
+        self.selector_state: Any = self.selector.initialize(self.nodes)
+        self.ledger = ByteLedger()
+        self.down_state: dict[int, CodecState] = {}
+        self.plans: dict[int, ClientPlan] = {}
+        self.sent: dict[int, TensorDict] = {}
+        self.rounds: dict[int, RoundLog] = {}
+
+    # -- Flower's Strategy interface ------------------------------------------------
+    def summary(self) -> None:
+        """Log what runs."""
+        log.info(
+            "fedpeft strategy %r, uplink %r, downlink %r, %d nodes",
+            self.cfg.strategy.name,
+            self.uplink.name,
+            self.downlink.name,
+            len(self.nodes),
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One training message per planned client."""
+        info = RoundLog(started=time.perf_counter())
+        self.rounds[server_round] = info
+        self.selector_state, plans = self.selector.plan(
+            self.selector_state, server_round, self.nodes
+        )
+        self.plans = dict(plans)
+        self.sent = {}
+        messages = []
+        for node_id, plan in self.plans.items():
+            tensors = self.fed.aggregator.client_payload(self.state, self.global_tensors, plan)
+            ctx = CodecContext(
+                seed=derive_seed(self.cfg.seed, "downlink", server_round, plan.partition_id),
+                direction="downlink",
+            )
+            payload, self.down_state[plan.partition_id] = encode_tensors(
+                tensors, self.downlink, self.down_state.get(plan.partition_id, {}), ctx
+            )
+            # the client will see the decoded payload; keep exactly that as reference
+            self.sent[node_id] = (
+                dict(tensors) if self.downlink.lossless else decode_tensors(payload, self.downlink, ctx)
+            )
+            arrays_rec, meta = rec.payload_to_record(payload)
+            content = RecordDict(
+                {
+                    rec.ARRAYS: arrays_rec,
+                    rec.CODEC: meta,
+                    rec.CONFIG: ConfigRecord(rec.plan_to_config(plan, server_round)),
+                }
+            )
+            self.ledger.record(server_round, "downlink", node_id, rec.content_nbytes(content))
+            messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        info.sampled = len(messages)
+        self.observer.round_start(server_round, len(messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate replies, aggregate the good ones, keep the global intact otherwise."""
+        info = self.rounds.setdefault(server_round, RoundLog(started=time.perf_counter()))
+        replies = list(replies)
+        info.replies = len(replies)
+        updates: list[ClientUpdate] = []
+        answered = set()
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            answered.add(node_id)
+            if reply.has_error():
+                info.failed += 1
+                reason = f"node {node_id} replied with an error: {reply.error.reason}"
+                info.reasons.append(reason)
+                log.warning("round %d: %s; dropping it", server_round, reason)
+                continue
+            self.ledger.record(server_round, "uplink", node_id, rec.content_nbytes(reply.content))
+            try:
+                updates.append(self._decode_update(server_round, node_id, reply.content))
+            except (FedPeftError, KeyError, ValueError, TypeError) as err:
+                info.rejected += 1
+                reason = f"node {node_id}: {err}"
+                info.reasons.append(reason)
+                log.warning("round %d: rejected the update of %s", server_round, reason)
+        missing = sorted(set(self.plans) - answered)
+        if missing:
+            info.failed += len(missing)
+            log.warning("round %d: no reply from nodes %s (timeout)", server_round, missing)
+        if not updates:
+            log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
+            return rec.tensors_to_record(self.global_tensors), None
+        try:
+            output: RoundOutput[Any] = self.fed.aggregator.aggregate(
+                self.state, self.global_tensors, updates, server_round
+            )
+            self._check_output(output)
+        except (FedPeftError, ValueError, RuntimeError) as err:
+            info.reasons.append(f"aggregation failed: {err}")
+            log.error("round %d: aggregation failed (%s); the global adapter is unchanged", server_round, err)
+            return rec.tensors_to_record(self.global_tensors), None
+        telemetry = self._telemetry(updates, output.tensors)
+        self.state = output.state
+        previous = self.global_tensors
+        self.global_tensors = dict(output.tensors)
+        self.selector_state = self.selector.feedback(self.selector_state, updates, output)
+        del previous
+        info.metrics = {**_weighted_metrics(updates), **telemetry, **dict(output.metrics)}
+        info.clients = [
+            {
+                "node_id": u.node_id,
+                "partition_id": u.plan.partition_id,
+                "rank": u.plan.rank,
+                "num_examples": u.num_examples,
+                **{k: float(v) for k, v in u.metrics.items()},
+            }
+            for u in updates
+        ]
+        return rec.tensors_to_record(self.global_tensors), rec.metrics_record(
+            {k: v for k, v in info.metrics.items() if "/" not in k}
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Client-side evaluation of the global adapter (``eval.client``)."""
+        if not self.cfg.eval.client:
+            return []
+        messages = []
+        for node in self.nodes:
+            plan = ClientPlan(
+                node_id=node.node_id,
+                partition_id=node.partition_id,
+                rank=self.cfg.lora.max_rank,
+                seed=0,
+            )
+            tensors = self.fed.aggregator.client_payload(self.state, self.global_tensors, plan)
+            content = RecordDict(
+                {
+                    rec.ARRAYS: rec.tensors_to_record(tensors),
+                    rec.CONFIG: ConfigRecord(rec.plan_to_config(plan, server_round)),
+                }
+            )
+            messages.append(Message(content, dst_node_id=node.node_id, message_type=MessageType.EVALUATE))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the clients' evaluation metrics."""
+        good = [r for r in replies if not r.has_error()]
+        if not good:
+            return None
+        weights, sums = 0, {}
+        for r in good:
+            m = r.content[rec.METRICS]
+            n = int(m.get(rec.NUM_EXAMPLES, 0))
+            weights += n
+            for k, v in m.items():
+                if k != rec.NUM_EXAMPLES:
+                    sums[k] = sums.get(k, 0.0) + n * float(v)
+        if weights == 0:
+            return None
+        out = {f"client_{k}": v / weights for k, v in sums.items()}
+        self.rounds.setdefault(server_round, RoundLog()).metrics.update(out)
+        return MetricRecord(out)
+
+    # -- helpers ------------------------------------------------------------------
+    def _decode_update(self, server_round: int, node_id: int, content: RecordDict) -> ClientUpdate:
+        plan = self.plans.get(node_id)
+        if plan is None:
+            raise IncompatibleUpdateError("it was not sampled this round")
+        ctx = CodecContext(
+            seed=derive_seed(self.cfg.seed, "uplink", server_round, plan.partition_id),
+            direction="uplink",
+            reference=self.sent.get(node_id),
+        )
+        payload = rec.record_to_payload(content[rec.ARRAYS], content.get(rec.CODEC))
+        try:
+            tensors = decode_tensors(payload, self.uplink, ctx)
+        except (CodecError, KeyError, ValueError) as err:
+            raise CodecError(f"cannot decode with {self.uplink.name!r}: {err}") from err
+        self._validate(tensors, plan)
+        metrics = content[rec.METRICS]
+        num_examples = metrics.get(rec.NUM_EXAMPLES)
+        if not isinstance(num_examples, int) or num_examples < 0:
+            raise IncompatibleUpdateError(
+                f"'{rec.NUM_EXAMPLES}' must be a non-negative integer, got {num_examples!r}"
+            )
+        clean = {}
+        for k, v in metrics.items():
+            if k != rec.NUM_EXAMPLES and isinstance(v, (int, float)) and math.isfinite(float(v)):
+                clean[k] = float(v)
+        return ClientUpdate(node_id=node_id, tensors=tensors, num_examples=num_examples, metrics=clean, plan=plan)
+
+    def _validate(self, tensors: Mapping[str, torch.Tensor], plan: ClientPlan) -> None:
+        """Keys, shapes for the plan's rank, dtype and finiteness of an upload."""
+        if not tensors:
+            raise IncompatibleUpdateError("the update is empty")
+        problems = []
+        for key, value in tensors.items():
+            if key.startswith(AUX_PREFIX):
+                pass
+            elif key not in self.global_tensors or is_base_delta_key(key):
+                problems.append(f"unexpected key {key!r}")
+                continue
+            else:
+                want = shape_for_rank(key, tuple(self.global_tensors[key].shape), plan.rank)
+                if tuple(value.shape) != want:
+                    problems.append(
+                        f"{key!r} has shape {tuple(value.shape)}, expected {want} for rank {plan.rank}"
+                    )
+                    continue
+            if not value.is_floating_point():
+                problems.append(f"{key!r} has dtype {value.dtype}, expected a float tensor")
+            elif not bool(torch.isfinite(value).all()):
+                problems.append(f"{key!r} has non-finite values")
+        if problems:
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise IncompatibleUpdateError("; ".join(problems[:3]) + more)
+
+    def _check_output(self, output: RoundOutput[Any]) -> None:
+        missing = sorted(set(self.global_tensors) - set(output.tensors))
+        if missing:
+            raise IncompatibleUpdateError(f"aggregator dropped global keys {missing[:3]}")
+        for key, value in output.tensors.items():
+            if not bool(torch.isfinite(value).all()):
+                raise IncompatibleUpdateError(f"aggregated {key!r} has non-finite values")
+
+    def _telemetry(self, updates: Sequence[ClientUpdate], new_global: TensorDict) -> dict[str, float]:
+        """Aggregation error of the LoRA product (ALGORITHMS.md §13)."""
+        try:
+            factors = [split_adapter(u.tensors, self.layout)[0] for u in updates]
+            global_factors, _ = split_adapter(
+                {k: v for k, v in new_global.items() if not is_base_delta_key(k)}, self.layout
+            )
+        except ValueError:
+            return {}
+        if not global_factors or not all(factors):
+            return {}
+        shift = {}
+        for key, value in new_global.items():
+            if is_base_delta_key(key):
+                old = self.global_tensors.get(key)
+                shift[base_delta_module(key)] = value - old if old is not None else value
+        total = sum(float(u.num_examples) for u in updates)
+        weights = [
+            (float(u.num_examples) / total) if total > 0 else 1.0 / len(updates) for u in updates
+        ]
+        err = aggregation_error(factors, weights, global_factors, shift or None)
+        return {
+            "aggregation_error": err["relative"],
+            "aggregation_cosine": err["cosine"],
+            **{f"layer/{k}": v for k, v in err.items() if "/" in k},
+        }
+
+
+def _weighted_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
+    total = sum(u.num_examples for u in updates) or len(updates)
+    out: dict[str, float] = {}
+    for u in updates:
+        w = (u.num_examples / total) if total else 1.0 / len(updates)
+        for k, v in u.metrics.items():
+            out[k] = out.get(k, 0.0) + w * v
+    return out
+
+
+class ProgressGrid(Grid):
+    """A ``Grid`` that forwards to another and reports each reply as it arrives."""
+
+    def __init__(self, inner: Grid, observer: Observer, pull_interval: float = 0.1) -> None:
+        self.inner = inner
+        self.observer = observer
+        self.pull_interval = pull_interval
+        self.current_round = 0
+
+    @property
+    def run(self) -> Any:
+        """The inner grid's run."""
+        return self.inner.run
+
+    def set_run(self, run: Any) -> None:
+        """Forward."""
+        self.inner.set_run(run)
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        """Forward."""
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Forward."""
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Forward."""
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Forward."""
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push, then pull until every reply arrived or ``timeout`` passed."""
+        messages = list(messages)
+        if not messages:
+            return []
+        try:
+            ids = set(self.inner.push_messages(messages))
+        except NotImplementedError:  # a grid that only offers send_and_receive
+            replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+            for r in replies:
+                self.observer.reply(self.current_round, r.metadata.src_node_id, not r.has_error())
+            return replies
+        end = time.time() + (timeout if timeout is not None else 1e12)
+        out: list[Message] = []
+        while ids and time.time() < end:
+            got = list(self.inner.pull_messages(ids))
+            for r in got:
+                ids.discard(r.metadata.reply_to_message_id)
+                self.observer.reply(self.current_round, r.metadata.src_node_id, not r.has_error())
+            out.extend(got)
+            if ids:
+                time.sleep(self.pull_interval)
+        return out
+
+
+def discover_nodes(grid: Grid, cfg: RunConfig) -> list[NodeInfo]:
+    """Wait for the nodes, then ask each for its partition id and properties.
+
+    Raises:
+        FedPeftError: fewer nodes than ``federation.clients-per-round`` answered
+            within ``federation.wait-for-nodes`` seconds.
+    """
+    want = cfg.federation.clients
+    deadline = time.time() + cfg.federation.wait_for_nodes
+    node_ids: list[int] = list(grid.get_node_ids())
+    while len(node_ids) < want and time.time() < deadline:
+        time.sleep(0.5)
+        node_ids = list(grid.get_node_ids())
+    if len(node_ids) < want:
+        log.warning("only %d of %d nodes connected after %.0f s", len(node_ids), want, cfg.federation.wait_for_nodes)
+    messages = [
+        Message(RecordDict({rec.CONFIG: ConfigRecord({})}), dst_node_id=nid, message_type=rec.QUERY_HELLO)
+        for nid in sorted(node_ids)
+    ]
+    nodes = []
+    for reply in grid.send_and_receive(messages, timeout=cfg.federation.timeout):
+        if reply.has_error():
+            log.warning("node %d did not answer the start-up query: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        props = dict(reply.content[rec.CONFIG])
+        pid = int(props.pop("partition-id", reply.metadata.src_node_id))
+        nodes.append(NodeInfo(node_id=reply.metadata.src_node_id, partition_id=pid, properties=props))
+    if len(nodes) < cfg.federation.sampled:
+        raise FedPeftError(
+            f"{len(nodes)} nodes answered but federation.clients-per-round is "
+            f"{cfg.federation.sampled}; start more SuperNodes or lower it"
+        )
+    return sorted(nodes, key=lambda n: n.partition_id)
+
+
+def resolve_output_dir(cfg: RunConfig) -> pathlib.Path:
+    """``output.dir``, or a fresh ``runs/<strategy>-<timestamp>``."""
+    if cfg.output.dir:
+        return pathlib.Path(cfg.output.dir).expanduser().resolve()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return (pathlib.Path("runs") / f"{cfg.strategy.name}-{stamp}").resolve()
+
+
+def run_server(
+    grid: Grid,
+    run_config: Mapping[str, Any],
+    observer: Observer | None = None,
+) -> RunResults:
+    """Run a whole federated fine-tune on ``grid`` and write its results.
+
+    Args:
+        grid: Flower's grid (simulation, deployment, or the in-process test grid).
+        run_config: the flat run config.
+        observer: progress callbacks.
+    """
+    from fedpeft.tasks import get_task
+
+    observer = observer or Observer()
+    cfg = parse_run_config(run_config)
+    fed, uplink, downlink = build_strategy(cfg)
+    out_dir = resolve_output_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_config(out_dir, cfg.to_flat(), cfg.seed)
+    task = get_task(cfg)
+    model = task.model(cfg.lora.max_rank)
+    test = task.test_data() if cfg.eval.server else None
+    progress = ProgressGrid(grid, observer)
+    nodes = discover_nodes(progress, cfg)
+    adapter = FlowerStrategyAdapter(
+        cfg, fed, uplink, downlink, nodes, model.initial, model.layout, observer
+    )
+    results = RunResults(out_dir, strategy=cfg.strategy.name, task=cfg.task.name)
+    results.extra.update({"seed": cfg.seed, "clients": len(nodes), "codec": {"uplink": uplink.name, "downlink": downlink.name}})
+    observer.run_start(cfg.federation.rounds, out_dir)
+    details_path = out_dir / "details.jsonl"
+    details_path.write_text("")
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        metrics: dict[str, float] = {}
+        if test is not None:
+            model.load(adapter.global_tensors)
+            metrics = task.evaluate(model, test)
+        info = adapter.rounds.get(server_round, RoundLog())
+        record: dict[str, Any] = {
+            "round": server_round,
+            "accuracy": metrics.get("accuracy"),
+            "loss": metrics.get("loss", info.metrics.get("train-loss")),
+            "uplink_bytes": adapter.ledger.round_total(server_round, "uplink"),
+            "downlink_bytes": adapter.ledger.round_total(server_round, "downlink"),
+            "seconds": (time.perf_counter() - info.started) if info.started else 0.0,
+            "sampled": info.sampled,
+            "rejected": info.rejected,
+            "failed": info.failed,
+        }
+        if "perplexity" in metrics:
+            record["perplexity"] = metrics["perplexity"]
+        if server_round > 0:
+            record["train_loss"] = info.metrics.get("train-loss")
+            record["aggregation_error"] = info.metrics.get("aggregation_error")
+            record["aggregation_cosine"] = info.metrics.get("aggregation_cosine")
+            record["clients"] = info.clients
+            record.update({k: v for k, v in info.metrics.items() if k.startswith("client_")})
+        results.add_round(record)
+        _append_details(details_path, server_round, info, adapter)
+        observer.round_end(record)
+        return rec.metrics_record(metrics) if metrics else None
+
+    progress.current_round = 0
+    adapter.start(
+        grid=progress,
+        initial_arrays=rec.tensors_to_record(adapter.global_tensors),
+        num_rounds=cfg.federation.rounds,
+        timeout=cfg.federation.timeout,
+        evaluate_fn=central_evaluate,
+    )
+    results.extra["totals"] = {
+        "uplink_bytes": adapter.ledger.total("uplink"),
+        "downlink_bytes": adapter.ledger.total("downlink"),
+    }
+    results.write()
+    if cfg.output.save_adapter:
+        model.load(adapter.global_tensors)
+        model.save_adapter(out_dir / "adapter")
+    results.plot()
+    return results
+
+
+def _append_details(path: pathlib.Path, server_round: int, info: RoundLog, adapter: FlowerStrategyAdapter) -> None:
+    import json
+
+    line = {
+        "round": server_round,
+        "metrics": {k: v for k, v in info.metrics.items() if isinstance(v, float) and math.isfinite(v)},
+        "reasons": info.reasons,
+        "bytes": {
+            "uplink": adapter.ledger.per_client(server_round, "uplink"),
+            "downlink": adapter.ledger.per_client(server_round, "downlink"),
+        },
+    }
+    with path.open("a") as handle:
+        handle.write(json.dumps(line, default=str) + "\n")
+
+
+def make_server_app(
+    overrides: Mapping[str, Any] | None = None, observer: Observer | None = None
+) -> ServerApp:
+    """A ``ServerApp`` running :func:`run_server`.
+
+    Args:
+        overrides: flat config entries that take precedence over the run config
+            Flower passes (``fedpeft simulate`` binds its config this way, since the
+            simulation engine's Python API passes none).
+        observer: progress callbacks.
+    """
+    app = ServerApp()
+    bound = dict(overrides or {})
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, {**dict(context.run_config), **bound}, observer)
+
+    return app
+
+
+app = make_server_app()
+"""The ServerApp ``flwr run`` loads (``[tool.flwr.app.components]``)."""
+
+__all__ = ["FlowerStrategyAdapter", "Observer", "app", "make_server_app", "run_server"]
+

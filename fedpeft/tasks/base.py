@@ -1,0 +1,180 @@
+"""``Task``: a model, its data and its loss, shared by server and clients.
+
+A task knows how to build its peft model (cached once per process per rank), load
+and tokenise its corpus (cached once per process), split it into a seeded held-out
+test set and per-client partitions, and compute its loss. Subclasses provide the
+corpus, the base model and the loss; everything else is here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.config import RunConfig
+from fedpeft.lora.peft_io import AdapterLayout
+from fedpeft.seeding import derive_seed
+from fedpeft.tasks.data import Examples, holdout_split, partition_indices
+from fedpeft.tasks.model import AdapterModel, cached, seeded
+from fedpeft.tasks.train import PenaltyFn, TrainResult, evaluate, local_train
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' load reports and progress bars (they flood client logs)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+class Task:
+    """Base class; see :class:`~fedpeft.tasks.classification.Classification` and
+    :class:`~fedpeft.tasks.causal_lm.CausalLM`.
+
+    Args:
+        cfg: the run config (only the task, model, lora, data, train and eval
+            sections are read).
+    """
+
+    name = ""
+    classification = False
+    default_model = ""
+    default_targets: tuple[str, ...] = ()
+    default_test_size = 0
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.model_name = cfg.model.name or self.default_model
+        self.targets = (
+            tuple(t.strip() for t in cfg.lora.target_modules.split(",") if t.strip())
+            or self.default_targets
+        )
+        self.test_size = cfg.data.test_size or self.default_test_size
+
+    # -- to implement -------------------------------------------------------------
+    def tokenizer(self) -> Any:
+        """The tokenizer (cached by the caller)."""
+        raise NotImplementedError
+
+    def load_corpus(self, tokenizer: Any) -> Examples:
+        """Tokenise the whole corpus."""
+        raise NotImplementedError
+
+    def base_model(self) -> Any:
+        """A fresh transformers model (weights from disk or random for tiny models)."""
+        raise NotImplementedError
+
+    def task_type(self) -> str:
+        """peft task type."""
+        raise NotImplementedError
+
+    def loss(
+        self, model: AdapterModel, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean loss, logits)`` of a batch."""
+        out = model.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        )
+        return out.loss, out.logits
+
+    # -- shared machinery ---------------------------------------------------------
+    def _key(self, *parts: Any) -> tuple[Any, ...]:
+        return (self.name, self.model_name, self.cfg.model.max_length, self.cfg.model.cache_dir, *parts)
+
+    def tok(self) -> Any:
+        """The task's tokenizer, loaded once per process."""
+        return cached(self._key("tokenizer"), self.tokenizer)
+
+    def corpus(self) -> Examples:
+        """The whole tokenised corpus, tokenised once per process."""
+        return cached(self._key("corpus"), lambda: self.load_corpus(self.tok()))
+
+    def _split(self) -> tuple[np.ndarray, np.ndarray]:
+        seed = derive_seed(self.cfg.seed, "holdout")
+        return cached(
+            self._key("split", self.test_size, seed),
+            lambda: holdout_split(len(self.corpus()), self.test_size, seed),
+        )
+
+    def test_data(self) -> Examples:
+        """The server's held-out test set (seeded, disjoint from every partition)."""
+        return self.corpus().subset(self._split()[1].tolist())
+
+    def client_data(self, partition_id: int, num_partitions: int) -> tuple[Examples, Examples]:
+        """``(train, local test)`` of one client; local test is empty unless
+        ``eval.client`` is on."""
+        data_cfg = self.cfg.data
+
+        def build() -> tuple[Examples, Examples]:
+            pool = self.corpus().subset(self._split()[0].tolist())
+            idx = partition_indices(
+                pool, partition_id, num_partitions, data_cfg, derive_seed(self.cfg.seed, "partition")
+            )
+            rng = np.random.Generator(
+                np.random.PCG64(derive_seed(self.cfg.seed, "client-split", partition_id))
+            )
+            idx = [idx[i] for i in rng.permutation(len(idx))]
+            n_test = int(len(idx) * data_cfg.client_test_fraction) if self.cfg.eval.client else 0
+            test, train = idx[:n_test], idx[n_test:]
+            if data_cfg.max_examples:
+                train = train[: data_cfg.max_examples]
+            return pool.subset(train), pool.subset(test)
+
+        return cached(
+            self._key("client", partition_id, num_partitions, data_cfg, self.cfg.seed, self.cfg.eval.client),
+            build,
+        )
+
+    def layout(self, rank: int) -> AdapterLayout:
+        """Adapter layout facts for LoRA algebra."""
+        return AdapterLayout(lora_alpha=self.cfg.lora.alpha, use_rslora=self.cfg.lora.rslora)
+
+    def model(self, rank: int) -> AdapterModel:
+        """The peft model with a rank-``rank`` adapter, built once per process.
+
+        Its initial adapter (``.initial``) depends only on the run seed, so the
+        server and every client build identical starting points.
+        """
+        return cached(self._key("model", rank, self.targets, self.cfg.lora, self.cfg.seed), lambda: self._build(rank))
+
+    def _build(self, rank: int) -> AdapterModel:
+        from peft import LoraConfig, get_peft_model
+
+        quiet_transformers()
+        with seeded(derive_seed(self.cfg.seed, "init")):
+            base = self.base_model()
+            lora = LoraConfig(
+                r=rank,
+                lora_alpha=self.cfg.lora.alpha,
+                lora_dropout=self.cfg.lora.dropout,
+                target_modules=list(self.targets),
+                use_rslora=self.cfg.lora.rslora,
+                task_type=self.task_type(),
+            )
+            peft_model = get_peft_model(base, lora)
+        peft_model.eval()
+        tok = self.tok()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        return AdapterModel(peft_model, pad_id=int(pad), layout=self.layout(rank))
+
+    def train(
+        self,
+        model: AdapterModel,
+        data: Examples,
+        trainable: frozenset[str],
+        seed: int,
+        penalty: PenaltyFn | None = None,
+    ) -> TrainResult:
+        """One round of local training (see :func:`fedpeft.tasks.train.local_train`)."""
+        return local_train(model, data, self.cfg.train, trainable, self.loss, seed, penalty)
+
+    def evaluate(self, model: AdapterModel, data: Examples) -> dict[str, float]:
+        """Loss and accuracy (classification) or perplexity (causal LM)."""
+        return evaluate(model, data, self.cfg.eval.batch_size, self.loss, self.classification)

@@ -1,0 +1,156 @@
+"""Tokenised examples, federated partitions and batching.
+
+Partitions come from flwr-datasets partitioners applied to an in-memory
+``datasets.Dataset`` of example indices (``IidPartitioner``,
+``DirichletPartitioner`` over labels, ``NaturalIdPartitioner`` over a group column);
+nothing is downloaded. Every split is a pure function of ``(seed, num_partitions,
+scheme)``, so every process computes the same partitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedpeft.config import DataConfig
+from fedpeft.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Tokenised examples.
+
+    Attributes:
+        input_ids: token ids per example (unpadded, already truncated).
+        labels: a class id per example (classification) or per-token targets with
+            ``-100`` on tokens that carry no loss (causal LM).
+        groups: a natural group id per example (topic / category) for ``topic`` splits.
+        label_ids: a coarse label per example for Dirichlet label skew.
+    """
+
+    input_ids: list[list[int]]
+    labels: list[int] | list[list[int]]
+    groups: list[int]
+    label_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, indices: Sequence[int]) -> Examples:
+        """The examples at ``indices``, in that order."""
+        return Examples(
+            input_ids=[self.input_ids[i] for i in indices],
+            labels=[self.labels[i] for i in indices],  # type: ignore[misc]
+            groups=[self.groups[i] for i in indices],
+            label_ids=[self.label_ids[i] for i in indices],
+        )
+
+
+def holdout_split(n: int, test_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` into (train pool, test) index arrays."""
+    if test_size >= n:
+        raise ConfigError(f"data.test-size must be < the {n} examples available, got {test_size}")
+    perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
+    return np.sort(perm[test_size:]), np.sort(perm[:test_size])
+
+
+def partition_indices(
+    pool: Examples, partition_id: int, num_partitions: int, cfg: DataConfig, seed: int
+) -> list[int]:
+    """Indices (into ``pool``) of one client's partition.
+
+    ``iid``: ``IidPartitioner``; ``dirichlet``: ``DirichletPartitioner`` over
+    ``label_ids`` with concentration ``cfg.alpha``; ``topic``: ``NaturalIdPartitioner``
+    over a group column in which the ``G`` natural groups are spread over the
+    clients: client ``i`` gets group ``i mod G``, and clients that share a group split
+    it evenly (so any number of clients ≥ 1 works).
+    """
+    import datasets
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+    )
+
+    datasets.disable_progress_bars()
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(
+            f"partition-id must be in [0, {num_partitions}), got {partition_id}"
+        )
+    n = len(pool)
+    columns: dict[str, list[int]] = {"idx": list(range(n)), "label": pool.label_ids}
+    if cfg.partition == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif cfg.partition == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=cfg.alpha,
+            min_partition_size=min(10, max(1, n // (4 * num_partitions))),
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+    else:
+        columns["client"] = _topic_owner(pool.groups, num_partitions, seed)
+        partitioner = NaturalIdPartitioner(partition_by="client")
+    partitioner.dataset = datasets.Dataset.from_dict(columns)
+    if cfg.partition == "topic":
+        # NaturalIdPartitioner numbers its partitions itself; map back to client ids.
+        _ = partitioner.num_partitions  # builds the mapping (lazily created)
+        mapping = partitioner.partition_id_to_natural_id
+        inverse = {int(v): k for k, v in mapping.items()}
+        if partition_id not in inverse:
+            return []
+        part = partitioner.load_partition(inverse[partition_id])
+    else:
+        part = partitioner.load_partition(partition_id)
+    return sorted(int(i) for i in part["idx"])
+
+
+def _topic_owner(groups: Sequence[int], num_partitions: int, seed: int) -> list[int]:
+    """Client id owning each example under the topic split."""
+    group_ids = sorted(set(groups))
+    owners_of: dict[int, list[int]] = {g: [] for g in group_ids}
+    for client in range(num_partitions):
+        owners_of[group_ids[client % len(group_ids)]].append(client)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    owner = [0] * len(groups)
+    by_group: dict[int, list[int]] = {g: [] for g in group_ids}
+    for i, g in enumerate(groups):
+        by_group[g].append(i)
+    for g, members in by_group.items():
+        clients = owners_of[g]
+        if not clients:  # more groups than clients: fold extra groups onto clients
+            clients = [group_ids.index(g) % num_partitions]
+        order = rng.permutation(len(members))
+        for rank, j in enumerate(order):
+            owner[members[j]] = clients[rank % len(clients)]
+    return owner
+
+
+def collate(examples: Examples, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest example (dynamic padding).
+
+    Returns ``input_ids`` and ``attention_mask`` of shape ``(B, T)`` and ``labels``
+    of shape ``(B,)`` (class ids) or ``(B, T)`` (token targets, ``-100`` on padding).
+    """
+    seqs = [examples.input_ids[i] for i in indices]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[row, : len(s)] = 1
+    first = examples.labels[indices[0]]
+    if isinstance(first, list):
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)  # (B, T)
+        for row, i in enumerate(indices):
+            lab = examples.labels[i]
+            labels[row, : len(lab)] = torch.tensor(lab, dtype=torch.long)  # type: ignore[arg-type]
+    else:
+        labels = torch.tensor([examples.labels[i] for i in indices], dtype=torch.long)  # (B,)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

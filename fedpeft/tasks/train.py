@@ -1,0 +1,140 @@
+"""Local training and evaluation loops shared by every task.
+
+A plain PyTorch loop (no ``transformers.Trainer``): the round is a fixed number of
+optimizer steps on seeded batches, so two runs with the same seeds do the same
+arithmetic, and the per-step overhead over a bare peft loop is what
+``simulations/bench_overhead.py`` measures.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedpeft.config import TrainConfig
+from fedpeft.tasks.data import Examples, collate
+from fedpeft.tasks.model import AdapterModel, seeded
+
+LossFn = Callable[[AdapterModel, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+"""``loss_fn(model, batch) -> (mean loss, logits)``."""
+
+PenaltyFn = Callable[[Mapping[str, torch.Tensor]], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one round of local training did.
+
+    Attributes:
+        num_examples: size of the local training set (FedAvg weight).
+        steps: optimizer steps taken.
+        loss: mean training loss over the steps.
+        seconds: wall-clock time of the loop.
+    """
+
+    num_examples: int
+    steps: int
+    loss: float
+    seconds: float
+
+
+def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
+    """Index batches for ``steps`` steps: seeded reshuffles of ``range(n)``."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    size = min(batch_size, n)
+    out: list[np.ndarray] = []
+    order = rng.permutation(n)
+    pos = 0
+    while len(out) < steps:
+        if pos + size > n:
+            order, pos = rng.permutation(n), 0
+        out.append(order[pos : pos + size])
+        pos += size
+    return out
+
+
+def local_train(
+    model: AdapterModel,
+    data: Examples,
+    cfg: TrainConfig,
+    trainable: frozenset[str],
+    loss_fn: LossFn,
+    seed: int,
+    penalty: PenaltyFn | None = None,
+) -> TrainResult:
+    """Train the loaded adapter's ``trainable`` tensors for one round.
+
+    Steps: ``cfg.local_steps``, or ``ceil(local_epochs · n / batch_size)`` when
+    ``local_epochs > 0``. Dropout and batch order are seeded by ``seed``; the global
+    RNG is restored afterwards.
+    """
+    start = time.perf_counter()
+    n = len(data)
+    if n == 0:
+        return TrainResult(num_examples=0, steps=0, loss=float("nan"), seconds=0.0)
+    steps = (
+        max(1, math.ceil(cfg.local_epochs * n / cfg.batch_size))
+        if cfg.local_epochs > 0
+        else cfg.local_steps
+    )
+    params = model.set_trainable(trainable)
+    if cfg.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    live = {k: p for k, p in model.params.items() if k in trainable}
+    total = 0.0
+    model.model.train()
+    with seeded(seed):
+        for idx in batch_schedule(n, cfg.batch_size, steps, seed):
+            batch = collate(data, idx.tolist(), model.pad_id)
+            loss, _ = loss_fn(model, batch)
+            total += float(loss.detach())
+            if penalty is not None:
+                extra = penalty(live)
+                if extra is not None:
+                    loss = loss + extra
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    model.model.eval()
+    return TrainResult(
+        num_examples=n, steps=steps, loss=total / steps, seconds=time.perf_counter() - start
+    )
+
+
+def evaluate(
+    model: AdapterModel, data: Examples, batch_size: int, loss_fn: LossFn, classification: bool
+) -> dict[str, float]:
+    """Mean loss (and accuracy for classification; perplexity for language models)."""
+    if len(data) == 0:
+        return {}
+    model.model.eval()
+    loss_sum, weight, correct = 0.0, 0, 0
+    # sort by length so padding is minimal; results do not depend on order
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate(data, idx, model.pad_id)
+            loss, logits = loss_fn(model, batch)
+            if classification:
+                count = len(idx)
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            else:
+                count = int((batch["labels"][:, 1:] != -100).sum())
+            loss_sum += float(loss) * count
+            weight += count
+    out = {"loss": loss_sum / max(weight, 1)}
+    if classification:
+        out["accuracy"] = correct / len(data)
+    else:
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    return out

@@ -1,0 +1,9 @@
+"""Built-in strategies, written only against fedpeft's public API.
+
+Importing this package registers every built-in strategy. Each module is also a
+worked example of a plug-in: an outside package does exactly the same.
+"""
+
+from strategies import fedit
+
+__all__ = ["fedit"]

@@ -1,0 +1,86 @@
+"""Typed config parsing: defaults, every error at once, names in messages."""
+
+from __future__ import annotations
+
+import pathlib
+import tomllib
+
+import pytest
+
+from fedpeft import ConfigError, parse_run_config
+from fedpeft.config import default_flat_config, flatten_toml, parse_overrides
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_defaults_parse_from_empty_config():
+    cfg = parse_run_config({})
+    assert cfg.strategy.name == "fedit"
+    assert cfg.task.name == "classification"
+    assert cfg.federation.clients == 4 and cfg.federation.sampled == 4
+    assert cfg.options is not None
+
+
+def test_string_values_are_converted_to_field_types():
+    cfg = parse_run_config(
+        {"lora.r": "16", "train.lr": "1e-3", "eval.client": "true", "train.local_steps": "5"}
+    )
+    assert cfg.lora.r == 16 and cfg.train.lr == 1e-3 and cfg.eval.client is True
+    assert cfg.train.local_steps == 5  # underscore spelling accepted
+
+
+@pytest.mark.parametrize(
+    ("flat", "fragment"),
+    [
+        ({"lora.rr": 2}, "unknown config key 'lora.rr'; did you mean lora.r"),
+        ({"federation.rounds": 0}, "federation.rounds must be > 0, got 0"),
+        ({"train.lr": "fast"}, "train.lr must be a number, got 'fast'"),
+        ({"federation.clients-per-round": 9}, "federation.clients-per-round (9) is more than"),
+        ({"data.partition": "random"}, "data.partition must be one of iid, dirichlet, topic"),
+        ({"strategy.name": "lora_fair"}, "unknown strategy 'lora_fair'; available:"),
+        ({"codec.uplink": "nope"}, "codec.uplink: unknown codec stage 'nope'"),
+        ({"bogus": 1}, "unknown config key 'bogus'"),
+        ({"lora.ranks": "4,x"}, "lora.ranks must be comma-separated positive integers"),
+    ],
+)
+def test_malformed_values_name_the_key(flat, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_run_config(flat)
+    assert fragment in str(info.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        parse_run_config({"federation.rounds": 0, "lora.r": -1, "train.batch-size": "x", "zz.top": 1})
+    assert len(info.value.problems) == 4
+
+
+def test_other_strategies_sections_allowed_only_at_defaults():
+    flat = default_flat_config()  # what `flwr run` passes: every key of pyproject
+    assert parse_run_config(flat).strategy.name == "fedit"
+
+
+def test_pyproject_app_config_equals_code_defaults():
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert flatten_toml(data["tool"]["flwr"]["app"]["config"]) == default_flat_config()
+    assert "federations" not in data["tool"]["flwr"]
+
+
+def test_to_flat_round_trips():
+    cfg = parse_run_config({"lora.r": 4, "seed": 3, "fedit.equal-weights": True})
+    assert parse_run_config(cfg.to_flat()) == cfg
+
+
+def test_shipped_configs_parse():
+    files = sorted((ROOT / "simulations" / "configs").glob("*.toml"))
+    assert files, "simulations/configs must ship at least one config"
+    for file in files:
+        text = file.read_text()
+        assert text.startswith("#"), f"{file.name} must start with a comment saying how to run it"
+        parse_run_config(flatten_toml(tomllib.loads(text)))
+
+
+def test_overrides_need_key_value():
+    assert parse_overrides(["a.b=1"]) == {"a.b": "1"}
+    with pytest.raises(ConfigError, match="--set expects key=value"):
+        parse_overrides(["a.b"])
