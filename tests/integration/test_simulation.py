@@ -1,0 +1,100 @@
+"""The real Flower simulation engine (Ray) and `flwr run`, with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TINY_SET = [
+    "model.name=tiny-bert", "data.max-examples=32", "data.test-size=100",
+    "train.local-steps=4", "train.lr=5e-3",
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1",
+                "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"})
+    return env
+
+
+@pytest.mark.integration
+def test_fedpeft_simulate_runs_on_the_ray_engine(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--rounds", "2", "--clients", "2",
+           "--out", str(out), "--quiet"] + [a for s in TINY_SET for a in ("--set", s)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert all(r["uplink_bytes"] > 0 for r in summary["rounds"][1:])
+    assert summary["rounds"][2]["loss"] < summary["rounds"][0]["loss"]
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_malformed_config_exits_nonzero_naming_the_key(tmp_path):
+    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--rounds", "0", "--clients", "2",
+           "--set", "federation.clients-per-round=5", "--set", "lora.rr=3"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "federation.rounds must be > 0, got 0" in proc.stderr
+    assert "federation.clients-per-round (5) is more than federation.clients (2)" in proc.stderr
+    assert "unknown config key 'lora.rr'" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening_pid(port: int) -> int | None:
+    out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    for part in out.split("pid=")[1:]:
+        return int(part.split(",")[0])
+    return None
+
+
+@pytest.mark.integration
+def test_flwr_run_works_with_the_same_app(tmp_path):
+    """`flwr run .` (FLOWER.md §6.6): managed SuperLink on free ports, stopped by PID."""
+    env = _env()
+    env["FLWR_HOME"] = tempfile.mkdtemp(dir=tmp_path)
+    http_port, control_port = _free_port(), _free_port()
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+    out = tmp_path / "flwr-run"
+    overrides = " ".join(
+        [f"{s.split('=')[0]}={_toml(s.split('=')[1])}" for s in TINY_SET]
+        + ["federation.rounds=2", "federation.clients=2", f"output.dir='{out}'"]
+    )
+    cmd = ["flwr", "run", ".", "--stream", "-c", overrides,
+           "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
+    flwr = pathlib.Path(sys.executable).parent / "flwr"
+    cmd[0] = str(flwr)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        pid = _listening_pid(http_port)
+        if pid:
+            os.kill(pid, 15)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+
+
+def _toml(value: str) -> str:
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return f"'{value}'"
