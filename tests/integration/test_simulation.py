@@ -21,6 +21,8 @@ TINY_SET = [
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
+    # the venv's scripts (flwr, flower-superlink) need not be on PATH (README runs .venv/bin/python)
+    env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1",
                 "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"})
