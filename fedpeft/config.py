@@ -201,6 +201,9 @@ class FederationConfig:
         clients_per_round: clients sampled per round (0 = all).
         timeout: seconds to wait for replies in a round.
         wait_for_nodes: seconds to wait at start-up for ``clients`` nodes.
+        min_replies: valid updates a round needs to be aggregated.
+        max_retries: times a round with too few valid updates is run again
+            before the run stops cleanly (with its checkpoint).
     """
 
     rounds: int = 3
@@ -208,6 +211,8 @@ class FederationConfig:
     clients_per_round: int = 0
     timeout: float = 3600.0
     wait_for_nodes: float = 300.0
+    min_replies: int = 1
+    max_retries: int = 1
 
     @property
     def sampled(self) -> int:
@@ -219,6 +224,14 @@ class FederationConfig:
         out = _positive("federation.rounds", self.rounds)
         out += _positive("federation.clients", self.clients)
         out += _positive("federation.timeout", self.timeout)
+        out += _positive("federation.min-replies", self.min_replies)
+        if self.max_retries < 0:
+            out.append(f"federation.max-retries must be >= 0, got {self.max_retries}")
+        if self.min_replies > self.sampled:
+            out.append(
+                f"federation.min-replies ({self.min_replies}) is more than the "
+                f"{self.sampled} clients sampled per round"
+            )
         if self.clients_per_round < 0:
             out.append(
                 f"federation.clients-per-round must be >= 0, got {self.clients_per_round}"
@@ -229,6 +242,111 @@ class FederationConfig:
                 f"federation.clients ({self.clients}); sample at most the clients there are"
             )
         return out
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Crash-safe checkpoints and resume (see :mod:`fedpeft.checkpoint`).
+
+    Attributes:
+        every: checkpoint after every ``every`` rounds (0 = never).
+        dir: checkpoint directory (``""``: ``<output.dir>/checkpoint``).
+        client_state: clients also save their own state (error-feedback residuals,
+            private factors) under ``<dir>/clients`` so a resumed run continues
+            exactly; in deployment the path is on each node's own disk.
+        resume: continue from the newest checkpoint in ``dir`` if there is one.
+    """
+
+    every: int = 1
+    dir: str = ""
+    client_state: bool = True
+    resume: bool = False
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        return [] if self.every >= 0 else [f"checkpoint.every must be >= 0, got {self.every}"]
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Fault injection for testing robustness (simulation; all off by default).
+
+    Each sampled client draws, seeded by ``(seed, round, partition)``, whether it
+    drops out (its reply is lost), crashes (the ClientApp raises), or is slow
+    (sleeps ``slow_seconds`` before replying).
+
+    Attributes:
+        drop_rate: probability a reply is lost.
+        crash_rate: probability the ClientApp raises.
+        slow_rate: probability the client is slow.
+        slow_seconds: how long a slow client sleeps.
+    """
+
+    drop_rate: float = 0.0
+    crash_rate: float = 0.0
+    slow_rate: float = 0.0
+    slow_seconds: float = 5.0
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        out = []
+        for name in ("drop_rate", "crash_rate", "slow_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                out.append(f"faults.{_kebab(name)} must be in [0, 1], got {value}")
+        if self.slow_seconds < 0:
+            out.append(f"faults.slow-seconds must be >= 0, got {self.slow_seconds}")
+        return out
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Checks every client update passes before aggregation.
+
+    Keys, shapes for the client's rank, dtypes and finiteness are always checked.
+
+    Attributes:
+        max_update_bytes: reject replies larger than this many serialized bytes
+            (0 = no limit).
+        norm_factor: reject an update whose change from what the client received
+            has an L2 norm above ``norm_factor`` × the round's (low) median of those
+            norms (0 = off). Needs at least 3 replies to act.
+        clip_norm: robust layer: scale every update's change down to at most this
+            L2 norm before aggregation (0 = off).
+    """
+
+    max_update_bytes: int = 0
+    norm_factor: float = 10.0
+    clip_norm: float = 0.0
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        out = []
+        if self.max_update_bytes < 0:
+            out.append(f"validation.max-update-bytes must be >= 0, got {self.max_update_bytes}")
+        if self.norm_factor < 0:
+            out.append(f"validation.norm-factor must be >= 0, got {self.norm_factor}")
+        if self.clip_norm < 0:
+            out.append(f"validation.clip-norm must be >= 0, got {self.clip_norm}")
+        return out
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Communication budget.
+
+    Attributes:
+        bytes: stop the run cleanly, before sending anything, when the next round
+            would take the cumulative bytes (up + down) over this (0 = no budget).
+            The next round is estimated from the previous one (round 1: its exact
+            downlink twice).
+    """
+
+    bytes: int = 0
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        return [] if self.bytes >= 0 else [f"budget.bytes must be >= 0, got {self.bytes}"]
 
 
 @dataclass(frozen=True)
@@ -341,6 +459,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     strategy: StrategySelection = field(default_factory=StrategySelection)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -365,6 +487,10 @@ _SECTIONS = (
     "train",
     "federation",
     "eval",
+    "checkpoint",
+    "faults",
+    "validation",
+    "budget",
     "codec",
     "strategy",
     "output",
@@ -494,6 +620,30 @@ def default_flat_config() -> FlatConfig:
     for name in available_strategies():
         flat.update(_flatten_section(name, get_strategy(name).config_cls()))
     return flat
+
+
+def render_app_config() -> str:
+    """``[tool.flwr.app.config]`` as TOML text, from :func:`default_flat_config`."""
+
+    def fmt(value: Scalar) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(value)
+
+    top: list[str] = []
+    sections: dict[str, list[str]] = {}
+    for key, value in default_flat_config().items():
+        section, dot, name = key.partition(".")
+        if dot:
+            sections.setdefault(section, []).append(f"{name} = {fmt(value)}")
+        else:
+            top.append(f"{key} = {fmt(value)}")
+    lines = ["[tool.flwr.app.config]", *top]
+    for section, entries in sections.items():
+        lines += ["", f"[tool.flwr.app.config.{section}]", *entries]
+    return "\n".join(lines) + "\n"
 
 
 def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:

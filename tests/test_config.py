@@ -8,7 +8,7 @@ import tomllib
 import pytest
 
 from fedpeft import ConfigError, parse_run_config
-from fedpeft.config import default_flat_config, flatten_toml, parse_overrides
+from fedpeft.config import default_flat_config, flatten_toml, parse_overrides, render_app_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,10 @@ def test_other_strategies_sections_allowed_only_at_defaults():
 
 def test_pyproject_app_config_equals_code_defaults():
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert flatten_toml(data["tool"]["flwr"]["app"]["config"]) == default_flat_config()
+    assert flatten_toml(data["tool"]["flwr"]["app"]["config"]) == default_flat_config(), (
+        "pyproject.toml [tool.flwr.app.config] is out of date; replace it with:\n"
+        + render_app_config()
+    )
     assert "federations" not in data["tool"]["flwr"]
 
 

@@ -2,6 +2,8 @@
 
 A codec spec is a chain of stages joined by ``+``, a stage's parameter after ``:``,
 e.g. ``"identity"`` or ``"topk:0.05+int8+zstd"``. See :func:`build_codec`.
+Importing this package registers every built-in stage: ``identity``, ``fp16``,
+``bf16``, ``int8``, ``int4``, ``topk``, ``lowrank`` and ``zstd``.
 """
 
 from fedpeft.codecs.base import (
@@ -15,14 +17,24 @@ from fedpeft.codecs.base import (
     register_codec,
     to_payload,
 )
+from fedpeft.codecs.cast import HalfCast
 from fedpeft.codecs.identity import Identity
+from fedpeft.codecs.lowrank import PowerSgdLowRank
+from fedpeft.codecs.quantize import StochasticQuantizer
+from fedpeft.codecs.topk import TopK
+from fedpeft.codecs.zstd import Zstd
 
 __all__ = [
     "Chain",
     "Codec",
     "CodecContext",
+    "HalfCast",
     "Identity",
     "Payload",
+    "PowerSgdLowRank",
+    "StochasticQuantizer",
+    "TopK",
+    "Zstd",
     "available_codecs",
     "build_codec",
     "from_payload",

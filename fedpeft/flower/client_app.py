@@ -16,6 +16,7 @@ lives in ``Context.state``; the model and the tokenised data are cached per proc
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -23,8 +24,11 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedpeft.checkpoint import load_client_state, save_client_state
 from fedpeft.codecs import CodecContext, build_codec
 from fedpeft.config import RunConfig, parse_run_config
+from fedpeft.errors import FedPeftError
+from fedpeft.faults import draw_fault
 from fedpeft.flower import records as rec
 from fedpeft.flower.wire import decode_tensors, encode_tensors
 from fedpeft.registry import get_strategy
@@ -72,6 +76,15 @@ def handle_train(msg: Message, context: Context, bound: Mapping[str, Any]) -> Me
     server_round = int(config[rec.SERVER_ROUND])
     plan = rec.config_to_plan(config, context.node_id)
     pid, num = _partition(context)
+    attempt = int(config.get(rec.ATTEMPT, 0))
+    fault = draw_fault(cfg.faults, cfg.seed, server_round, plan.partition_id, attempt)
+    if fault == "crash":
+        raise FedPeftError(f"injected crash (faults.crash-rate={cfg.faults.crash_rate})")
+    if fault == "slow":
+        time.sleep(cfg.faults.slow_seconds)
+    ckpt = config.get(rec.CLIENT_CHECKPOINT_DIR)
+    if ckpt and rec.CLIENT_STATE not in context.state:
+        _restore_client_state(context, str(ckpt), plan.partition_id, server_round)
     task = get_task(cfg)
     model = task.model(plan.rank)
     algorithm = _client_algorithm(cfg)
@@ -109,8 +122,13 @@ def handle_train(msg: Message, context: Context, bound: Mapping[str, Any]) -> Me
         direction="uplink",
         reference=received,
     )
-    encoded, codec_state = encode_tensors(upload, uplink, codec_state, up_ctx)
+    try:
+        encoded, codec_state = encode_tensors(upload, uplink, codec_state, up_ctx)
+    except FedPeftError:  # shapes changed since the residuals were kept (new rank)
+        encoded, codec_state = encode_tensors(upload, uplink, {}, up_ctx)
     context.state[rec.CODEC_STATE] = rec.arrays_to_record(codec_state)
+    if ckpt:
+        _save_client_state(str(ckpt), plan.partition_id, server_round, new_state, codec_state)
     arrays, meta = rec.payload_to_record(encoded)
     metrics = {
         rec.NUM_EXAMPLES: result.num_examples,
@@ -123,6 +141,34 @@ def handle_train(msg: Message, context: Context, bound: Mapping[str, Any]) -> Me
         {rec.ARRAYS: arrays, rec.CODEC: meta, rec.METRICS: rec.metrics_record(metrics)}
     )
     return Message(content, reply_to=msg)
+
+
+def _save_client_state(
+    directory: str, partition_id: int, server_round: int, state: Mapping[str, Any], codec: Mapping[str, Any]
+) -> None:
+    import pathlib
+
+    import torch
+
+    tensors = {f"client/{k}": v for k, v in state.items()}
+    tensors.update({f"codec/{k}": torch.from_numpy(v) for k, v in codec.items()})
+    tensors["round"] = torch.tensor([server_round])
+    try:
+        save_client_state(pathlib.Path(directory), partition_id, server_round, tensors)
+    except OSError as err:  # a client must not fail its round over a checkpoint
+        logging.getLogger("fedpeft").warning("cannot save client state to %s: %s", directory, err)
+
+
+def _restore_client_state(context: Context, directory: str, partition_id: int, server_round: int) -> None:
+    import pathlib
+
+    saved = load_client_state(pathlib.Path(directory), partition_id, server_round)
+    if saved is None:
+        return
+    state = {k[len("client/"):]: v for k, v in saved.items() if k.startswith("client/")}
+    codec = {k[len("codec/"):]: v.numpy() for k, v in saved.items() if k.startswith("codec/")}
+    context.state[rec.CLIENT_STATE] = rec.tensors_to_record(state)
+    context.state[rec.CODEC_STATE] = rec.arrays_to_record(codec)
 
 
 def handle_evaluate(msg: Message, context: Context, bound: Mapping[str, Any]) -> Message:

@@ -26,6 +26,8 @@ OPTION_PREFIX = "option."
 CLIENT_STATE = "fedpeft.client-state"
 CODEC_STATE = "fedpeft.codec-state"
 QUERY_HELLO = "query.hello"
+ATTEMPT = "attempt"
+CLIENT_CHECKPOINT_DIR = "checkpoint-dir"
 EVALUATE_GLOBAL = "evaluate"
 
 

@@ -18,6 +18,7 @@ Per round:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import pathlib
@@ -32,10 +33,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from fedpeft.aggregation.robust import clip_update, outliers, update_norm
+from fedpeft.checkpoint import load_latest, save_checkpoint
 from fedpeft.codecs import CodecContext, build_codec
 from fedpeft.codecs.base import Chain, CodecState
 from fedpeft.config import RunConfig, parse_run_config
 from fedpeft.errors import CodecError, ConfigError, FedPeftError, IncompatibleUpdateError
+from fedpeft.faults import draw_fault
 from fedpeft.flower import records as rec
 from fedpeft.flower.wire import decode_tensors, encode_tensors
 from fedpeft.ledger import ByteLedger
@@ -58,6 +62,14 @@ log = logging.getLogger("fedpeft")
 AUX_PREFIX = "aux."
 """Uploaded keys with this prefix are strategy-defined auxiliary tensors (checked
 for finite values only)."""
+
+
+class RoundFailed(FedPeftError):
+    """A round got fewer valid updates than ``federation.min-replies`` after retries."""
+
+
+class BudgetExhausted(FedPeftError):
+    """The next round would exceed ``budget.bytes``."""
 
 
 class Observer:
@@ -170,6 +182,26 @@ class FlowerStrategyAdapter(Strategy):
         self.plans: dict[int, ClientPlan] = {}
         self.sent: dict[int, TensorDict] = {}
         self.rounds: dict[int, RoundLog] = {}
+        self.offset = 0  # rounds completed before this process started (resume)
+        self.grid: Grid | None = None
+
+    # -- checkpointing ------------------------------------------------------------
+    def checkpoint_states(self) -> dict[str, Any]:
+        """Everything besides the global adapter a resumed run needs."""
+        return {
+            "aggregator": self.state,
+            "selector": self.selector_state,
+            "downlink_codec": {str(k): v for k, v in self.down_state.items()},
+        }
+
+    def restore(self, server_round: int, global_tensors: TensorDict, states: Mapping[str, Any], ledger: list[Any]) -> None:
+        """Continue after ``server_round`` from a checkpoint."""
+        self.offset = server_round
+        self.global_tensors = dict(global_tensors)
+        self.state = states["aggregator"]
+        self.selector_state = states["selector"]
+        self.down_state = {int(k): v for k, v in states.get("downlink_codec", {}).items()}
+        self.ledger.entries = [tuple(e) for e in ledger]  # type: ignore[misc]
 
     # -- Flower's Strategy interface ------------------------------------------------
     def summary(self) -> None:
@@ -186,6 +218,8 @@ class FlowerStrategyAdapter(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One training message per planned client."""
+        server_round += self.offset
+        self.grid = grid
         info = RoundLog(started=time.perf_counter())
         self.rounds[server_round] = info
         self.selector_state, plans = self.selector.plan(
@@ -193,16 +227,29 @@ class FlowerStrategyAdapter(Strategy):
         )
         self.plans = dict(plans)
         self.sent = {}
+        messages = self._train_messages(server_round, list(self.plans.values()), attempt=0)
+        self._check_budget(server_round, messages)
+        info.sampled = len(messages)
+        self.observer.round_start(server_round, len(messages))
+        return messages
+
+    def _train_messages(self, server_round: int, plans: Sequence[ClientPlan], attempt: int) -> list[Message]:
         messages = []
-        for node_id, plan in self.plans.items():
+        for plan in plans:
+            node_id = plan.node_id
             tensors = self.fed.aggregator.client_payload(self.state, self.global_tensors, plan)
             ctx = CodecContext(
                 seed=derive_seed(self.cfg.seed, "downlink", server_round, plan.partition_id),
                 direction="downlink",
             )
-            payload, self.down_state[plan.partition_id] = encode_tensors(
-                tensors, self.downlink, self.down_state.get(plan.partition_id, {}), ctx
-            )
+            try:
+                payload, self.down_state[plan.partition_id] = encode_tensors(
+                    tensors, self.downlink, self.down_state.get(plan.partition_id, {}), ctx
+                )
+            except CodecError:  # shapes changed (e.g. a new rank): residuals no longer apply
+                payload, self.down_state[plan.partition_id] = encode_tensors(
+                    tensors, self.downlink, {}, ctx
+                )
             # the client will see the decoded payload; keep exactly that as reference
             self.sent[node_id] = (
                 dict(tensors) if self.downlink.lossless else decode_tensors(payload, self.downlink, ctx)
@@ -212,45 +259,70 @@ class FlowerStrategyAdapter(Strategy):
                 {
                     rec.ARRAYS: arrays_rec,
                     rec.CODEC: meta,
-                    rec.CONFIG: ConfigRecord(rec.plan_to_config(plan, server_round)),
+                    rec.CONFIG: ConfigRecord(
+                        {**rec.plan_to_config(plan, server_round), **self._client_settings(attempt)}
+                    ),
                 }
             )
             self.ledger.record(server_round, "downlink", node_id, rec.content_nbytes(content))
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
-        info.sampled = len(messages)
-        self.observer.round_start(server_round, len(messages))
         return messages
+
+    def _check_budget(self, server_round: int, messages: Sequence[Message]) -> None:
+        """Raise before sending if this round would go over ``budget.bytes``."""
+        budget = self.cfg.budget.bytes
+        if not budget:
+            return
+        down = self.ledger.round_total(server_round, "downlink")
+        previous = server_round - 1
+        prev_up = self.ledger.round_total(previous, "uplink")
+        prev_down = self.ledger.round_total(previous, "downlink")
+        up_estimate = prev_up * down / prev_down if prev_down else down
+        spent = self.ledger.total("uplink") + self.ledger.total("downlink") - down
+        if spent + down + up_estimate > budget:
+            # the messages were built but are not sent: take them off the ledger
+            self.ledger.entries = [e for e in self.ledger.entries if e[0] != server_round]
+            raise BudgetExhausted(
+                f"round {server_round} would need ~{int(down + up_estimate):,} B more, "
+                f"{spent:,} of budget.bytes={budget:,} are spent; stopping before it"
+            )
+
+    def _client_settings(self, attempt: int) -> dict[str, Any]:
+        out: dict[str, Any] = {rec.ATTEMPT: attempt}
+        if self.cfg.checkpoint.every and self.cfg.checkpoint.client_state:
+            out[rec.CLIENT_CHECKPOINT_DIR] = str(checkpoint_dir(self.cfg))
+        return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate replies, aggregate the good ones, keep the global intact otherwise."""
+        server_round += self.offset
         info = self.rounds.setdefault(server_round, RoundLog(started=time.perf_counter()))
-        replies = list(replies)
-        info.replies = len(replies)
-        updates: list[ClientUpdate] = []
-        answered = set()
-        for reply in replies:
-            node_id = reply.metadata.src_node_id
-            answered.add(node_id)
-            if reply.has_error():
-                info.failed += 1
-                reason = f"node {node_id} replied with an error: {reply.error.reason}"
-                info.reasons.append(reason)
-                log.warning("round %d: %s; dropping it", server_round, reason)
-                continue
-            self.ledger.record(server_round, "uplink", node_id, rec.content_nbytes(reply.content))
-            try:
-                updates.append(self._decode_update(server_round, node_id, reply.content))
-            except (FedPeftError, KeyError, ValueError, TypeError) as err:
-                info.rejected += 1
-                reason = f"node {node_id}: {err}"
-                info.reasons.append(reason)
-                log.warning("round %d: rejected the update of %s", server_round, reason)
-        missing = sorted(set(self.plans) - answered)
-        if missing:
-            info.failed += len(missing)
-            log.warning("round %d: no reply from nodes %s (timeout)", server_round, missing)
+        updates, failed_plans = self._collect(
+            server_round, list(replies), info, 0, list(self.plans.values())
+        )
+        attempt = 0
+        need = self.cfg.federation.min_replies
+        while len(updates) < need and attempt < self.cfg.federation.max_retries and self.grid is not None:
+            attempt += 1
+            retry = failed_plans or list(self.plans.values())
+            log.warning(
+                "round %d: %d valid updates, %d needed; retrying %d clients (attempt %d of %d)",
+                server_round, len(updates), need, len(retry), attempt, self.cfg.federation.max_retries,
+            )
+            again = self.grid.send_and_receive(
+                self._train_messages(server_round, retry, attempt), timeout=self.cfg.federation.timeout
+            )
+            more, failed_plans = self._collect(server_round, list(again), info, attempt, retry)
+            updates += more
+        if len(updates) < need:
+            raise RoundFailed(
+                f"round {server_round} got {len(updates)} valid updates, "
+                f"federation.min-replies is {need} (after {attempt} retries); reasons: "
+                + "; ".join(info.reasons[-5:])
+            )
+        updates = self._robust(server_round, updates, info)
         if not updates:
             log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
             return rec.tensors_to_record(self.global_tensors), None
@@ -269,7 +341,7 @@ class FlowerStrategyAdapter(Strategy):
         self.global_tensors = dict(output.tensors)
         self.selector_state = self.selector.feedback(self.selector_state, updates, output)
         del previous
-        info.metrics = {**_weighted_metrics(updates), **telemetry, **dict(output.metrics)}
+        info.metrics.update({**_weighted_metrics(updates), **telemetry, **dict(output.metrics)})
         info.clients = [
             {
                 "node_id": u.node_id,
@@ -288,6 +360,7 @@ class FlowerStrategyAdapter(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Client-side evaluation of the global adapter (``eval.client``)."""
+        server_round += self.offset
         if not self.cfg.eval.client:
             return []
         messages = []
@@ -310,6 +383,7 @@ class FlowerStrategyAdapter(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' evaluation metrics."""
+        server_round += self.offset
         good = [r for r in replies if not r.has_error()]
         if not good:
             return None
@@ -328,6 +402,83 @@ class FlowerStrategyAdapter(Strategy):
         return MetricRecord(out)
 
     # -- helpers ------------------------------------------------------------------
+    def _collect(
+        self,
+        server_round: int,
+        replies: list[Message],
+        info: RoundLog,
+        attempt: int,
+        asked: Sequence[ClientPlan],
+    ) -> tuple[list[ClientUpdate], list[ClientPlan]]:
+        """Decode and validate replies; return the good updates and the failed plans."""
+        updates: list[ClientUpdate] = []
+        answered: set[int] = set()
+        failed: list[ClientPlan] = []
+        info.replies += len(replies)
+        limit = self.cfg.validation.max_update_bytes
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            answered.add(node_id)
+            plan = self.plans.get(node_id)
+            if plan is not None and draw_fault(self.cfg.faults, self.cfg.seed, server_round, plan.partition_id, attempt) == "drop":
+                info.failed += 1
+                info.reasons.append(f"node {node_id}: reply dropped (injected fault)")
+                log.warning("round %d: dropped the reply of node %d (injected fault)", server_round, node_id)
+                failed.append(plan)
+                continue
+            if reply.has_error():
+                info.failed += 1
+                reason = f"node {node_id} replied with an error: {reply.error.reason}"
+                info.reasons.append(reason)
+                log.warning("round %d: %s; dropping it", server_round, reason)
+                if plan is not None:
+                    failed.append(plan)
+                continue
+            nbytes = rec.content_nbytes(reply.content)
+            self.ledger.record(server_round, "uplink", node_id, nbytes)
+            try:
+                if limit and nbytes > limit:
+                    raise IncompatibleUpdateError(
+                        f"the reply has {nbytes} bytes, validation.max-update-bytes is {limit}"
+                    )
+                updates.append(self._decode_update(server_round, node_id, reply.content))
+            except (FedPeftError, KeyError, ValueError, TypeError) as err:
+                info.rejected += 1
+                reason = f"node {node_id}: {err}"
+                info.reasons.append(reason)
+                log.warning("round %d: rejected the update of %s", server_round, reason)
+        missing = [p for p in asked if p.node_id not in answered]
+        if missing:
+            info.failed += len(missing)
+            log.warning("round %d: no reply from nodes %s (timeout)", server_round, [p.node_id for p in missing])
+            failed += missing
+        return updates, failed
+
+    def _robust(self, server_round: int, updates: list[ClientUpdate], info: RoundLog) -> list[ClientUpdate]:
+        """Reject norm outliers, then clip (``validation.*``)."""
+        v = self.cfg.validation
+        norms = [update_norm(u.tensors, self.sent.get(u.node_id, {})) for u in updates]
+        bad = set(outliers(norms, v.norm_factor))
+        for i in sorted(bad):
+            info.rejected += 1
+            reason = (
+                f"node {updates[i].node_id}: update norm {norms[i]:.3g} exceeds "
+                f"validation.norm-factor={v.norm_factor} x the round's median"
+            )
+            info.reasons.append(reason)
+            log.warning("round %d: rejected the update of %s", server_round, reason)
+        kept = [u for i, u in enumerate(updates) if i not in bad]
+        if v.clip_norm > 0:
+            clipped = 0
+            out = []
+            for u in kept:
+                tensors, was = clip_update(u.tensors, self.sent.get(u.node_id, {}), v.clip_norm)
+                clipped += int(was)
+                out.append(ClientUpdate(u.node_id, tensors, u.num_examples, u.metrics, u.plan))
+            info.metrics["clip/clipped"] = float(clipped)
+            kept = out
+        return kept
+
     def _decode_update(self, server_round: int, node_id: int, content: RecordDict) -> ClientUpdate:
         plan = self.plans.get(node_id)
         if plan is None:
@@ -521,6 +672,13 @@ def discover_nodes(grid: Grid, cfg: RunConfig) -> list[NodeInfo]:
     return sorted(nodes, key=lambda n: n.partition_id)
 
 
+def checkpoint_dir(cfg: RunConfig) -> pathlib.Path:
+    """``checkpoint.dir``, or ``<output.dir>/checkpoint``."""
+    if cfg.checkpoint.dir:
+        return pathlib.Path(cfg.checkpoint.dir).expanduser().resolve()
+    return resolve_output_dir(cfg) / "checkpoint"
+
+
 def resolve_output_dir(cfg: RunConfig) -> pathlib.Path:
     """``output.dir``, or a fresh ``runs/<strategy>-<timestamp>``."""
     if cfg.output.dir:
@@ -547,6 +705,7 @@ def run_server(
     cfg = parse_run_config(run_config)
     fed, uplink, downlink = build_strategy(cfg)
     out_dir = resolve_output_dir(cfg)
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out_dir)))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(out_dir, cfg.to_flat(), cfg.seed)
     task = get_task(cfg)
@@ -559,11 +718,21 @@ def run_server(
     )
     results = RunResults(out_dir, strategy=cfg.strategy.name, task=cfg.task.name)
     results.extra.update({"seed": cfg.seed, "clients": len(nodes), "codec": {"uplink": uplink.name, "downlink": downlink.name}})
-    observer.run_start(cfg.federation.rounds, out_dir)
+    ckpt_dir = checkpoint_dir(cfg)
     details_path = out_dir / "details.jsonl"
-    details_path.write_text("")
+    resumed = load_latest(ckpt_dir) if cfg.checkpoint.resume else None
+    if resumed is not None:
+        adapter.restore(resumed.server_round, resumed.global_tensors, resumed.states, resumed.meta["ledger"])
+        results.rounds = list(resumed.meta["results"])
+        log.info("resuming after round %d from %s", resumed.server_round, ckpt_dir)
+    else:
+        details_path.write_text("")
+    observer.run_start(cfg.federation.rounds, out_dir)
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if resumed is not None and server_round == 0:
+            return None  # round 0 of a resumed run was evaluated before the interruption
+        server_round += adapter.offset
         metrics: dict[str, float] = {}
         if test is not None:
             model.load(adapter.global_tensors)
@@ -590,17 +759,37 @@ def run_server(
             record.update({k: v for k, v in info.metrics.items() if k.startswith("client_")})
         results.add_round(record)
         _append_details(details_path, server_round, info, adapter)
+        every = cfg.checkpoint.every
+        if every and server_round > 0 and (server_round % every == 0 or server_round == cfg.federation.rounds):
+            save_checkpoint(
+                ckpt_dir,
+                server_round,
+                adapter.global_tensors,
+                adapter.checkpoint_states(),
+                {"results": results.rounds, "ledger": adapter.ledger.entries},
+            )
         observer.round_end(record)
         return rec.metrics_record(metrics) if metrics else None
 
     progress.current_round = 0
-    adapter.start(
-        grid=progress,
-        initial_arrays=rec.tensors_to_record(adapter.global_tensors),
-        num_rounds=cfg.federation.rounds,
-        timeout=cfg.federation.timeout,
-        evaluate_fn=central_evaluate,
-    )
+    remaining = cfg.federation.rounds - adapter.offset
+    if remaining > 0:
+        try:
+            adapter.start(
+                grid=progress,
+                initial_arrays=rec.tensors_to_record(adapter.global_tensors),
+                num_rounds=remaining,
+                timeout=cfg.federation.timeout,
+                evaluate_fn=central_evaluate,
+            )
+        except RoundFailed as err:
+            results.extra["stopped"] = str(err)
+            results.write()
+            log.error("run stopped cleanly: %s; resume with --resume %s", err, out_dir)
+            raise
+        except BudgetExhausted as err:
+            results.extra["stopped"] = str(err)
+            log.warning("run stopped cleanly: %s", err)
     results.extra["totals"] = {
         "uplink_bytes": adapter.ledger.total("uplink"),
         "downlink_bytes": adapter.ledger.total("downlink"),

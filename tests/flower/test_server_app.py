@@ -118,9 +118,13 @@ def test_all_replies_rejected_keeps_global_intact(tiny_config):
             arrays[k] = Array(v)
         return reply
 
-    results, _ = _run({**tiny_config, "federation.rounds": 1}, tamper=tamper)
-    assert results.rounds[1]["rejected"] == 3
-    assert results.rounds[1]["loss"] == pytest.approx(results.rounds[0]["loss"])
+    from fedpeft.flower.server_app import RoundFailed
+
+    with pytest.raises(RoundFailed, match="got 0 valid updates, federation.min-replies is 1"):
+        _run({**tiny_config, "federation.rounds": 1}, tamper=tamper)
+    summary = json.loads((pathlib.Path(tiny_config["output.dir"]) / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0]  # nothing was aggregated
+    assert "stopped" in summary
 
 
 def test_saved_adapter_loads_with_peft(tiny_config):
