@@ -26,11 +26,12 @@ from fedpeft.registry import (
     register_strategy,
 )
 from fedpeft.selection import Selector, UniformSelector
-from fedpeft.types import ClientPlan, ClientUpdate, NodeInfo, RoundOutput, TensorDict
+from fedpeft.types import AUX_PREFIX, ClientPlan, ClientUpdate, NodeInfo, RoundOutput, TensorDict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AUX_PREFIX",
     "Aggregator",
     "ClientAlgorithm",
     "ClientPlan",

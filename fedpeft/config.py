@@ -741,6 +741,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
                     rank=lora.max_rank,
                     ranks=lora.rank_list,
                     lora_alpha=lora.alpha,
+                    use_rslora=lora.rslora,
                 ),
             )
         except (ConfigError, ValueError) as err:

@@ -42,6 +42,7 @@ class StrategyEnv:
         rank: the configured LoRA rank (``lora.r``).
         ranks: per-client ranks (``lora.ranks``), empty when all share ``rank``.
         lora_alpha: LoRA α; the scaling of a rank-``r`` adapter is ``α / r``.
+        use_rslora: rank-stabilised scaling ``α / √r``.
     """
 
     seed: int
@@ -50,6 +51,7 @@ class StrategyEnv:
     rank: int
     ranks: tuple[int, ...] = ()
     lora_alpha: float = 16.0
+    use_rslora: bool = False
 
 
 @dataclass(frozen=True)

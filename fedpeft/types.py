@@ -23,6 +23,10 @@ Scalar = int | float | str | bool
 
 S = TypeVar("S")
 
+AUX_PREFIX = "aux."
+"""Uploaded keys with this prefix are strategy-defined auxiliary tensors (e.g.
+``"aux.hetlora.rank"``): the server checks them for finite values only."""
+
 
 @dataclass(frozen=True)
 class NodeInfo:

@@ -47,7 +47,10 @@ from fedpeft.lora.ops import aggregation_error
 from fedpeft.lora.peft_io import (
     AdapterLayout,
     base_delta_module,
+    factor_keys,
     is_base_delta_key,
+    is_lora_key,
+    lora_module_of,
     shape_for_rank,
     split_adapter,
 )
@@ -55,13 +58,10 @@ from fedpeft.registry import FedStrategy, StrategyEnv, get_strategy
 from fedpeft.results import RunResults, write_config
 from fedpeft.seeding import derive_seed
 from fedpeft.selection import UniformSelector
-from fedpeft.types import ClientPlan, ClientUpdate, NodeInfo, RoundOutput, TensorDict
+from fedpeft.types import AUX_PREFIX, ClientPlan, ClientUpdate, NodeInfo, RoundOutput, TensorDict
 
 log = logging.getLogger("fedpeft")
 
-AUX_PREFIX = "aux."
-"""Uploaded keys with this prefix are strategy-defined auxiliary tensors (checked
-for finite values only)."""
 
 
 class RoundFailed(FedPeftError):
@@ -97,6 +97,7 @@ def strategy_env(cfg: RunConfig) -> StrategyEnv:
         rank=cfg.lora.max_rank,
         ranks=cfg.lora.rank_list,
         lora_alpha=cfg.lora.alpha,
+        use_rslora=cfg.lora.rslora,
     )
 
 
@@ -543,7 +544,23 @@ class FlowerStrategyAdapter(Strategy):
     def _telemetry(self, updates: Sequence[ClientUpdate], new_global: TensorDict) -> dict[str, float]:
         """Aggregation error of the LoRA product (ALGORITHMS.md §13)."""
         try:
-            factors = [split_adapter(u.tensors, self.layout)[0] for u in updates]
+            # a tensor the client did not upload is the one it received (e.g. FFA-LoRA's
+            # frozen A); modules with a factor the server never saw are skipped
+            factors = []
+            for u in updates:
+                known = {**self.global_tensors, **self.sent.get(u.node_id, {})}
+                merged: TensorDict = {}
+                for key, value in u.tensors.items():
+                    if key.startswith(AUX_PREFIX) or not is_lora_key(key):
+                        continue
+                    partner = _partner_key(key)
+                    if partner in u.tensors:
+                        merged[key] = value
+                    elif key == factor_keys(lora_module_of(key))[1] and partner in known:
+                        # B uploaded, A not: the client trained with the A it knows
+                        # (FFA-LoRA's frozen A). An unseen B (FedSA-LoRA) is skipped.
+                        merged[key], merged[partner] = value, known[partner]
+                factors.append(split_adapter(merged, self.layout)[0])
             global_factors, _ = split_adapter(
                 {k: v for k, v in new_global.items() if not is_base_delta_key(k)}, self.layout
             )
@@ -566,6 +583,12 @@ class FlowerStrategyAdapter(Strategy):
             "aggregation_cosine": err["cosine"],
             **{f"layer/{k}": v for k, v in err.items() if "/" in k},
         }
+
+
+def _partner_key(key: str) -> str:
+    """The other factor of a LoRA key (``lora_A`` ↔ ``lora_B``)."""
+    a, b = factor_keys(lora_module_of(key))
+    return b if key == a else a
 
 
 def _weighted_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:

@@ -4,6 +4,7 @@ from fedpeft.lora.factors import LoraFactors
 from fedpeft.lora.ops import (
     SIGMA_SPLITS,
     aggregation_error,
+    factors_from_svd,
     pad_adapter_to,
     pad_rank,
     product_frobenius_inner,
@@ -25,6 +26,7 @@ __all__ = [
     "AdapterLayout",
     "LoraFactors",
     "aggregation_error",
+    "factors_from_svd",
     "join_adapter",
     "pad_adapter_to",
     "pad_rank",

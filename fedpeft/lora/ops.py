@@ -220,7 +220,9 @@ def product_mean(clients: Sequence[LoraFactors], weights: Sequence[float]) -> to
     return st.b @ st.a  # (d_out, Σr) @ (Σr, d_in)
 
 
-def svd_factors(f: LoraFactors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd_factors(
+    f: LoraFactors, complete: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``U, σ, Vᵀ`` of ``s · B @ A`` without forming the product.
 
     ``s·B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (QR), so ``s·B·A = Q_B (R_B R_Aᵀ) Q_Aᵀ`` and
@@ -229,13 +231,24 @@ def svd_factors(f: LoraFactors) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     singular vector is positive, which makes the result independent of the order in
     which a stack was assembled (up to rounding).
 
+    Args:
+        f: the factors.
+        complete: optional ``(c, d_in)`` rows appended to ``A`` with zero columns in
+            ``B``: the product is unchanged, but the returned right singular basis then
+            spans ``r + c`` directions (extra singular values are 0), all inside the
+            row space of ``[A; complete]``.
+
     Returns:
         ``u`` ``(d_out, k)``, ``sigma`` ``(k,)`` descending, ``vh`` ``(k, d_in)`` with
-        ``k = min(r, d_out, d_in)``, in :func:`work_dtype`.
+        ``k = min(r + c, d_out, d_in)``, in :func:`work_dtype`.
     """
     dtype = work_dtype(f.a.dtype)
-    qb, rb = torch.linalg.qr(f.b.to(dtype) * f.scaling)  # (m, k1), (k1, r)
-    qa, ra = torch.linalg.qr(f.a.to(dtype).T)  # (n, k2), (k2, r)
+    a, b = f.a.to(dtype), f.b.to(dtype) * f.scaling  # (r, n), (m, r)
+    if complete is not None:
+        a = torch.cat([a, complete.to(dtype)])  # (r + c, n)
+        b = torch.cat([b, b.new_zeros(f.d_out, complete.shape[0])], dim=1)  # (m, r + c)
+    qb, rb = torch.linalg.qr(b)  # (m, k1), (k1, r)
+    qa, ra = torch.linalg.qr(a.T)  # (n, k2), (k2, r)
     uc, sigma, vch = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # (k1, k2) core
     u = qb @ uc  # (m, k1) @ (k1, k)
     vh = vch @ qa.T  # (k, k2) @ (k2, n)
@@ -251,6 +264,42 @@ def _fix_signs(
     signs = torch.sign(u.gather(0, pivot[None, :]))[0]  # (k,)
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
     return u * signs, sigma, vh * signs[:, None]
+
+
+def factors_from_svd(
+    u: torch.Tensor,
+    sigma: torch.Tensor,
+    vh: torch.Tensor,
+    rank: int,
+    scaling: float = 1.0,
+    *,
+    split: str = "sqrt",
+    fan_in_fan_out: bool = False,
+) -> LoraFactors:
+    """Rank-``rank`` factors with ``scaling · B @ A = U_r Σ_r V_rᵀ``.
+
+    ``scaling`` is folded into ``B``; ``split`` places ``Σ`` (one of
+    :data:`SIGMA_SPLITS`): ``"b"`` gives ``B = U_r Σ_r / scaling, A = V_rᵀ``. Ranks
+    beyond ``len(sigma)`` are zero rows of ``A`` and zero columns of ``B``.
+
+    Raises:
+        ValueError: unknown ``split``, negative ``rank`` or non-positive ``scaling``.
+    """
+    if split not in SIGMA_SPLITS:
+        raise ValueError(f"sigma split must be one of {SIGMA_SPLITS}, got {split!r}")
+    if rank < 0 or scaling <= 0.0:
+        raise ValueError(f"need rank >= 0 and scaling > 0, got rank={rank}, scaling={scaling}")
+    k = min(rank, sigma.shape[0])
+    u, sigma, vh = u[:, :k], sigma[:k], vh[:k]  # (m, k), (k,), (k, n)
+    if split == "b":
+        b, a = u * (sigma / scaling), vh
+    elif split == "a":
+        b, a = u / scaling, sigma[:, None] * vh
+    else:
+        root = sigma.sqrt()
+        b, a = u * (root / scaling), root[:, None] * vh
+    out = LoraFactors(a=a, b=b, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
+    return pad_rank(out, rank) if k < rank else out
 
 
 def refactor_svd(
@@ -275,33 +324,18 @@ def refactor_svd(
         rank: the rank of the result.
         scaling: the scaling the result will be used with (``α / rank``).
         sigma: where ``Σ`` goes, one of :data:`SIGMA_SPLITS`.
-        complete: optional ``(c, d_in)`` rows spanning extra input directions, used
-            only by the factored route when the product has fewer than ``rank``
-            singular directions: the right singular basis is completed inside their
-            span (the extra singular values are 0). With ``sigma="b"`` this gives
-            orthonormal, trainable ``A`` rows instead of zero rows.
+        complete: factored route only — rows completing the right singular basis when
+            the product has fewer than ``rank`` directions (see :func:`svd_factors`).
+            With ``sigma="b"`` this gives orthonormal, trainable ``A`` rows instead
+            of zero rows.
         fan_in_fan_out: layout flag of the returned factors.
 
-    Missing directions (``rank`` above the attainable rank) are zero rows of ``A``
-    and zero columns of ``B``.
-
     Raises:
-        ValueError: unknown ``sigma``, negative ``rank`` or non-positive ``scaling``.
+        ValueError: unknown ``sigma``, bad ``rank``/``scaling`` or a dense source that
+            is not 2-D.
     """
-    if sigma not in SIGMA_SPLITS:
-        raise ValueError(f"refactor_svd: sigma must be one of {SIGMA_SPLITS}, got {sigma!r}")
-    if rank < 0 or scaling <= 0.0:
-        raise ValueError(f"refactor_svd: need rank >= 0 and scaling > 0, got {rank}, {scaling}")
     if isinstance(source, LoraFactors):
-        f = source
-        if complete is not None:
-            dtype = work_dtype(f.a.dtype)
-            zeros = f.b.new_zeros(f.d_out, complete.shape[0], dtype=dtype)  # (m, c)
-            f = LoraFactors(
-                a=torch.cat([f.a.to(dtype), complete.to(dtype)]),  # (r + c, n)
-                b=torch.cat([f.b.to(dtype) * f.scaling, zeros], dim=1),  # (m, r + c)
-            )
-        u, sv, vh = svd_factors(f)
+        u, sv, vh = svd_factors(source, complete)
     else:
         if source.dim() != 2:
             raise ValueError(
@@ -309,17 +343,7 @@ def refactor_svd(
             )
         dense = source.to(work_dtype(source.dtype))
         u, sv, vh = _fix_signs(*torch.linalg.svd(dense, full_matrices=False))
-    k = min(rank, sv.shape[0])
-    u, sv, vh = u[:, :k], sv[:k], vh[:k]  # (m, k), (k,), (k, n)
-    if sigma == "b":
-        b, a = u * (sv / scaling), vh
-    elif sigma == "a":
-        b, a = u / scaling, sv[:, None] * vh
-    else:
-        root = sv.sqrt()
-        b, a = u * (root / scaling), root[:, None] * vh
-    out = LoraFactors(a=a, b=b, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
-    return pad_rank(out, rank) if k < rank else out
+    return factors_from_svd(u, sv, vh, rank, scaling, split=sigma, fan_in_fan_out=fan_in_fan_out)
 
 
 def pad_adapter_to(

@@ -47,6 +47,14 @@ class AdapterLayout:
         return self.lora_alpha / (rank**0.5 if self.use_rslora else rank)
 
 
+def lora_module_of(key: str) -> str:
+    """The module path of a ``lora_A`` / ``lora_B`` key."""
+    for suffix in (_A, _B):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    raise ValueError(f"{key!r} is not a LoRA factor key")
+
+
 def is_lora_key(key: str) -> bool:
     """True for ``lora_A`` / ``lora_B`` weights."""
     return key.endswith(_A) or key.endswith(_B)

@@ -1,0 +1,74 @@
+"""Run a preset: several variants × seeds of one setting, then a comparison report.
+
+A preset (``simulations/presets/NAME.toml``) has a ``[base]`` table of config keys,
+a ``[variants.LABEL]`` table per variant (keys that override the base) and a
+``seeds`` list. Every run goes through the in-process grid (the same server and
+client code as ``fedpeft simulate``, without Ray's start-up cost; clients train one
+after another), into ``OUT/LABEL-seedK``; then ``fedpeft.report.compare`` writes
+``OUT/report.md`` with the table and plots. Run:
+
+    python simulations/sweep.py simulations/presets/codecs.toml --out runs/codecs
+    python simulations/sweep.py PRESET --only fedit,lora-fair --seeds 0   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+import tomllib
+from typing import Any
+
+from fedpeft.config import flatten_toml
+
+
+def load_preset(path: pathlib.Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[int]]:
+    """``(base, variants, seeds)`` of a preset file."""
+    data = tomllib.loads(path.read_text())
+    base = flatten_toml(data.get("base", {}))
+    variants = {label: flatten_toml(v) for label, v in data.get("variants", {}).items()}
+    return base, variants, list(data.get("seeds", [0]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("preset", type=pathlib.Path)
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--only", help="comma-separated variant labels")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override every run")
+    args = parser.parse_args()
+
+    from fedpeft.config import parse_overrides
+    from fedpeft.flower.inprocess import run_in_process
+    from fedpeft.report import compare, render_terminal_table
+
+    base, variants, seeds = load_preset(args.preset)
+    if args.only:
+        wanted = [v.strip() for v in args.only.split(",")]
+        variants = {k: v for k, v in variants.items() if k in wanted}
+    if args.seeds:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    extra = parse_overrides(args.set)
+    dirs = []
+    for label, overrides in variants.items():
+        for seed in seeds:
+            out = args.out / f"{label}-seed{seed}"
+            flat = {**base, **overrides, **extra, "seed": seed, "output.dir": str(out.resolve())}
+            start = time.perf_counter()
+            if (out / "summary.json").exists() and "stopped" not in json.loads((out / "summary.json").read_text()):
+                print(f"{label} seed {seed}: already done, reusing {out}")
+            else:
+                results = run_in_process(flat)
+                last = results.rounds[-1]
+                print(f"{label} seed {seed}: accuracy {last.get('accuracy')} loss {last.get('loss'):.4f} "
+                      f"({time.perf_counter() - start:.0f} s)")
+            dirs.append(out)
+    report = compare(dirs, args.out)
+    print(render_terminal_table(report, width=160), end="")
+    print(f"report → {report.markdown_path}")
+
+
+if __name__ == "__main__":
+    main()
