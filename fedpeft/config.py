@@ -350,6 +350,38 @@ class BudgetConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Privacy options; combinations that cannot work are refused at config time.
+
+    Attributes:
+        dp: ``none`` or ``server-fixed``: central differential privacy with Flower's
+            ``DifferentialPrivacyServerSideFixedClipping`` wrapper (each client's
+            update clipped to ``clip_norm``, Gaussian noise of std
+            ``noise_multiplier · clip_norm / n`` added to the mean). Composes only with
+            strategies whose clients upload the whole global adapter uncompressed
+            (``fedit`` with one rank and a lossless uplink codec).
+        noise_multiplier: σ of the Gaussian mechanism, in units of ``clip_norm``.
+        clip_norm: L2 bound of each client's update.
+        secagg: ask for secure aggregation. Flower 1.41 offers SecAgg+ only in its
+            legacy API, which fedpeft does not use, so this is always refused (with the
+            reason, per strategy).
+    """
+
+    dp: Literal["none", "server-fixed"] = "none"
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    secagg: bool = False
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        out = []
+        if self.noise_multiplier < 0:
+            out.append(f"privacy.noise-multiplier must be >= 0, got {self.noise_multiplier}")
+        out += _positive("privacy.clip-norm", self.clip_norm)
+        return out
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Evaluation.
 
@@ -463,6 +495,7 @@ class RunConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     strategy: StrategySelection = field(default_factory=StrategySelection)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -491,6 +524,7 @@ _SECTIONS = (
     "faults",
     "validation",
     "budget",
+    "privacy",
     "codec",
     "strategy",
     "output",

@@ -69,6 +69,8 @@ class FedStrategy:
         needs_individual_updates: the server needs each client's update, not just
             their sum, so sum-only secure aggregation cannot serve it.
         mixed_ranks: the strategy accepts clients of different ranks.
+        dp_compatible: clients upload the whole global adapter (same keys and
+            shapes), so Flower's central-DP clipping wrapper applies as it is.
     """
 
     aggregator: Aggregator[Any]
@@ -77,6 +79,7 @@ class FedStrategy:
     lossy_codecs: bool = True
     needs_individual_updates: bool = False
     mixed_ranks: bool = False
+    dp_compatible: bool = False
 
 
 BuildFn = Callable[[Any, StrategyEnv], FedStrategy]

@@ -92,7 +92,7 @@ def build(config: FedItConfig, env: StrategyEnv) -> FedStrategy:
         aggregator: Any = MixedRankMean(env.rank, layout, config.equal_weights)
     else:
         aggregator = WeightedMean(equal_weights=config.equal_weights)
-    return FedStrategy(aggregator=aggregator, mixed_ranks=True)
+    return FedStrategy(aggregator=aggregator, mixed_ranks=True, dp_compatible=len(set(env.ranks)) <= 1)
 
 
 register_strategy(

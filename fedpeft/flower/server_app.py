@@ -120,7 +120,47 @@ def build_strategy(cfg: RunConfig) -> tuple[FedStrategy, Chain, Chain]:
                 f"combined with the lossy codec {', '.join(lossy)}; use a lossless chain "
                 "such as 'identity' or 'zstd'"
             )
+    problems = []
+    name = cfg.strategy.name
+    if cfg.privacy.secagg:
+        if fed.needs_individual_updates:
+            problems.append(
+                f"privacy.secagg: strategy {name!r} needs each client's individual update, "
+                "which sum-only secure aggregation hides; it cannot run under SecAgg"
+            )
+        else:
+            problems.append(
+                "privacy.secagg: Flower 1.41 provides SecAgg+ only in its legacy API, which "
+                "fedpeft does not use; secure aggregation is not available"
+            )
+    if cfg.privacy.dp != "none":
+        if not fed.dp_compatible:
+            problems.append(
+                f"privacy.dp={cfg.privacy.dp!r} does not compose with strategy {name!r}: Flower's "
+                "DP clipping needs clients to upload the whole global adapter (use fedit with "
+                "one rank)"
+            )
+        if not uplink.lossless:
+            problems.append(
+                f"privacy.dp={cfg.privacy.dp!r} needs a lossless codec.uplink, got {uplink.name!r}"
+            )
+    if problems:
+        raise ConfigError(problems)
     return fed, uplink, downlink
+
+
+def wrap_privacy(cfg: RunConfig, strategy: Strategy) -> Strategy:
+    """Wrap the adapter in Flower's DP strategy wrapper if ``privacy.dp`` asks for it."""
+    if cfg.privacy.dp == "server-fixed":
+        from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+        return DifferentialPrivacyServerSideFixedClipping(
+            strategy,
+            noise_multiplier=cfg.privacy.noise_multiplier,
+            clipping_norm=cfg.privacy.clip_norm,
+            num_sampled_clients=cfg.federation.sampled,
+        )
+    return strategy
 
 
 @dataclass
@@ -221,6 +261,8 @@ class FlowerStrategyAdapter(Strategy):
         """One training message per planned client."""
         server_round += self.offset
         self.grid = grid
+        if self.cfg.privacy.dp != "none":  # the DP wrapper noised the aggregate: adopt it
+            self.global_tensors = rec.record_to_tensors(arrays)
         info = RoundLog(started=time.perf_counter())
         self.rounds[server_round] = info
         self.selector_state, plans = self.selector.plan(
@@ -755,6 +797,8 @@ def run_server(
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if resumed is not None and server_round == 0:
             return None  # round 0 of a resumed run was evaluated before the interruption
+        if cfg.privacy.dp != "none" and server_round > 0:
+            adapter.global_tensors = rec.record_to_tensors(arrays)  # the noised aggregate
         server_round += adapter.offset
         metrics: dict[str, float] = {}
         if test is not None:
@@ -798,7 +842,7 @@ def run_server(
     remaining = cfg.federation.rounds - adapter.offset
     if remaining > 0:
         try:
-            adapter.start(
+            wrap_privacy(cfg, adapter).start(
                 grid=progress,
                 initial_arrays=rec.tensors_to_record(adapter.global_tensors),
                 num_rounds=remaining,
