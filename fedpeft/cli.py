@@ -7,6 +7,8 @@ Commands:
   (4 clients, 3 rounds, MiniLM + LoRA on tweet sentiment).
 * ``fedpeft strategies`` — list registered strategies.
 * ``fedpeft config`` — print the resolved configuration (or the problems in it).
+* ``fedpeft compare RUN_DIR... --out REPORT_DIR`` — compare finished runs: a table,
+  curves and a Pareto plot in ``REPORT_DIR/report.md``.
 """
 
 from __future__ import annotations
@@ -49,8 +51,20 @@ def load_config_file(path: str) -> FlatConfig:
 
 
 def build_flat_config(args: argparse.Namespace) -> FlatConfig:
-    """Config file, then the named options, then ``--set`` overrides."""
+    """Config file, then the named options, then ``--set`` overrides.
+
+    With ``--resume DIR`` the base is the config the interrupted run recorded in
+    ``DIR/config.json``; other options may still override it (e.g. more rounds).
+    """
     flat: FlatConfig = {}
+    resume = getattr(args, "resume", None)
+    if resume:
+        recorded = pathlib.Path(resume) / "config.json"
+        if not recorded.exists():
+            raise FedPeftError(f"--resume: {recorded} does not exist; is {resume!r} a run directory?")
+        flat.update(json.loads(recorded.read_text())["config"])
+        flat["checkpoint.resume"] = True
+        flat["output.dir"] = str(pathlib.Path(resume).resolve())
     if getattr(args, "config", None):
         flat.update(load_config_file(args.config))
     named = {
@@ -175,8 +189,13 @@ def simulate(flat: FlatConfig, quiet: bool = False, verbose: bool = False) -> pa
     summary = out_dir / "summary.json"
     if not summary.exists():
         raise FedPeftError(f"the simulation ended without results in {out_dir}; see the log above")
-    rounds = json.loads(summary.read_text())["rounds"]
-    if len(rounds) < cfg.federation.rounds + 1:
+    data = json.loads(summary.read_text())
+    rounds = data["rounds"]
+    if "stopped" in data:
+        console.print(f"stopped: {data['stopped']}")
+        if str(data["stopped"]).find("budget.bytes") < 0:
+            raise FedPeftError(f"{data['stopped']}; resume with: fedpeft simulate --resume {out_dir}")
+    elif len(rounds) < cfg.federation.rounds + 1:
         raise FedPeftError(
             f"the simulation stopped after round {rounds[-1]['round'] if rounds else 0} of "
             f"{cfg.federation.rounds}; partial results are in {out_dir}"
@@ -210,11 +229,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     sim = sub.add_parser("simulate", help="run a federated fine-tune in the simulation engine")
     _add_run_options(sim)
+    sim.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its checkpoint")
     sim.add_argument("--quiet", action="store_true", help="no progress display")
     sim.add_argument("--verbose", action="store_true", help="Flower's INFO/DEBUG logs")
     sub.add_parser("strategies", help="list registered strategies")
+    certs_p = sub.add_parser("certs", help="write a CA, TLS certificates and SuperNode keys")
+    certs_p.add_argument("--out", required=True, help="directory to write (e.g. certs)")
+    certs_p.add_argument("--nodes", type=int, required=True, help="number of SuperNodes")
+    certs_p.add_argument(
+        "--san",
+        action="append",
+        metavar="NAME_OR_IP",
+        help="extra name or IP address of the SuperLink, repeatable (superlink, localhost and "
+        "127.0.0.1 are always included)",
+    )
+    certs_p.add_argument("--force", action="store_true", help="replace existing keys")
+    dep_p = sub.add_parser(
+        "deploy-local", help="run on a real loopback deployment (TLS + SuperNode authentication)"
+    )
+    _add_run_options(dep_p)
+    dep_p.add_argument("--nodes", type=int, default=2, help="number of SuperNodes (default 2)")
+    dep_p.add_argument("--certs", help="a `fedpeft certs` directory (default: fresh keys)")
+    dep_p.add_argument("--isolation", default="subprocess", choices=["subprocess", "process"])
+    dep_p.add_argument(
+        "--node-config",
+        action="append",
+        metavar="KEY=VALUE,...",
+        help="extra node config of the next node, repeatable (e.g. device.tier=slow)",
+    )
+    dep_p.add_argument("--work-dir", help="keep logs and state here (default: a temporary dir)")
     cfg_p = sub.add_parser("config", help="print the resolved config as JSON")
     _add_run_options(cfg_p)
+    cmp_p = sub.add_parser("compare", help="compare finished runs: table, curves, report.md")
+    cmp_p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (summary.json)")
+    cmp_p.add_argument("--out", required=True, metavar="REPORT_DIR", help="where report.md goes")
+    cmp_p.add_argument(
+        "--target",
+        type=float,
+        help="rounds-to-target threshold (accuracy, or loss for causal-lm); "
+        "default 0.9 x the best final accuracy (1.1 x the best final loss)",
+    )
+    cmp_p.add_argument(
+        "--label-keys",
+        help="comma-separated config keys allowed in run labels (default: every key that differs)",
+    )
     args = parser.parse_args(argv)
     command = args.command or "simulate"
     if args.command is None:
@@ -227,8 +285,55 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             for name in available_strategies():
                 print(f"{name:12s} {get_strategy(name).summary}")
+        elif command == "certs":
+            import ipaddress
+
+            from fedpeft.deploy.certs import generate_certs
+
+            dns, ips = ["superlink", "localhost"], ["127.0.0.1"]
+            for name in args.san or []:
+                try:
+                    ips.append(str(ipaddress.ip_address(name)))
+                except ValueError:
+                    dns.append(name)
+            manifest = generate_certs(args.out, args.nodes, dns, ips, overwrite=args.force)
+            print(f"wrote {manifest.directory} ({len(manifest.nodes)} SuperNodes; manifest.json)")
+        elif command == "deploy-local":
+            from fedpeft.deploy.local import deploy_local
+            from fedpeft.flower.server_app import build_strategy
+
+            _env_defaults()
+            if args.clients is not None and args.clients != args.nodes:
+                raise FedPeftError(
+                    f"deploy-local: --clients ({args.clients}) must equal --nodes ({args.nodes})"
+                )
+            flat = build_flat_config(args)
+            flat["federation.clients"] = args.nodes
+            build_strategy(parse_run_config(flat))  # fail before any process starts
+            node_configs = [parse_overrides(n.split(",")) for n in args.node_config or []]
+            node_configs += [{}] * (args.nodes - len(node_configs))
+            deploy_local(
+                flat,
+                args.nodes,
+                certs_dir=args.certs,
+                work_dir=args.work_dir,
+                isolation=args.isolation,
+                node_configs=node_configs[: args.nodes],
+            )
         elif command == "config":
             print(json.dumps(parse_run_config(build_flat_config(args)).to_flat(), indent=2))
+        elif command == "compare":
+            import shutil
+
+            from fedpeft.report import compare, render_terminal_table
+
+            keys = None
+            if args.label_keys:
+                keys = [k.strip() for k in args.label_keys.split(",") if k.strip()]
+            report = compare(args.runs, args.out, target=args.target, label_keys=keys)
+            width = shutil.get_terminal_size((200, 24)).columns
+            print(render_terminal_table(report, width=width), end="")
+            print(f"report → {report.markdown_path}")
     except FedPeftError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

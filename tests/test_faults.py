@@ -62,6 +62,7 @@ def _run(flat, kill_after=-1):
 
 RESUME_CASES = {
     "fedit": {},
+    "lora-fair": {"strategy.name": "lora-fair"},
     "fedit + topk error feedback": {"codec.uplink": "topk:0.1+int8+zstd"},
 }
 

@@ -8,7 +8,10 @@ corpus, the base model and the loss; everything else is here.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pathlib
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +23,7 @@ from fedpeft.lora.peft_io import AdapterLayout
 from fedpeft.seeding import derive_seed
 from fedpeft.tasks.data import Examples, holdout_split, partition_indices
 from fedpeft.tasks.model import AdapterModel, cached, seeded
+from fedpeft.tasks.packages import cache_root
 from fedpeft.tasks.train import PenaltyFn, TrainResult, evaluate, local_train
 
 
@@ -30,6 +34,44 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def _atomic_npz(path: pathlib.Path, **arrays: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_examples(path: pathlib.Path, ex: Examples) -> None:
+    """Examples as flat int arrays with offsets (token labels share the id offsets)."""
+    lengths = np.array([len(s) for s in ex.input_ids], dtype=np.int64)
+    arrays = {
+        "ids": np.concatenate([np.asarray(s, np.int32) for s in ex.input_ids]),
+        "offsets": np.concatenate([[0], np.cumsum(lengths)]),
+        "groups": np.asarray(ex.groups, np.int64),
+        "label_ids": np.asarray(ex.label_ids, np.int64),
+    }
+    if ex.labels and isinstance(ex.labels[0], list):
+        arrays["token_labels"] = np.concatenate([np.asarray(s, np.int64) for s in ex.labels])  # type: ignore[arg-type]
+    else:
+        arrays["labels"] = np.asarray(ex.labels, np.int64)
+    _atomic_npz(path, **arrays)
+
+
+def _read_examples(path: pathlib.Path) -> Examples:
+    z = np.load(path)
+    cuts = z["offsets"][1:-1]
+    ids = [a.tolist() for a in np.split(z["ids"], cuts)]
+    if "token_labels" in z:
+        labels: Any = [a.tolist() for a in np.split(z["token_labels"], cuts)]
+    else:
+        labels = z["labels"].tolist()
+    return Examples(input_ids=ids, labels=labels, groups=z["groups"].tolist(), label_ids=z["label_ids"].tolist())
 
 
 class Task:
@@ -92,9 +134,40 @@ class Task:
         """The task's tokenizer, loaded once per process."""
         return cached(self._key("tokenizer"), self.tokenizer)
 
+    def corpus_sources(self) -> list[pathlib.Path]:
+        """Files the tokenised corpus depends on (fingerprinted for the disk cache)."""
+        return []
+
+    def _corpus_key(self) -> str:
+        parts: list[Any] = [self.name, self.model_name, self.cfg.model.max_length]
+        for path in self.corpus_sources():
+            stat = path.stat()
+            parts.append((str(path), stat.st_size, stat.st_mtime_ns))
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
     def corpus(self) -> Examples:
-        """The whole tokenised corpus, tokenised once per process."""
-        return cached(self._key("corpus"), lambda: self.load_corpus(self.tok()))
+        """The whole tokenised corpus: once per process, and from a disk cache
+        (``$FEDPEFT_CACHE/corpus-<key>.npz``) when an earlier process made it.
+
+        Deployment starts a new ClientApp process per message, so tokenising 38k
+        tweets in each one would dominate a round; the cache is keyed by the task,
+        model, max length and the size and mtime of every source file.
+        """
+
+        def load() -> Examples:
+            if not self.corpus_sources():
+                return self.load_corpus(self.tok())
+            path = cache_root(self.cfg.model.cache_dir) / f"corpus-{self._corpus_key()}.npz"
+            if path.exists():
+                try:
+                    return _read_examples(path)
+                except (OSError, ValueError, KeyError):
+                    pass  # unreadable cache: rebuild it
+            examples = self.load_corpus(self.tok())
+            _write_examples(path, examples)
+            return examples
+
+        return cached(self._key("corpus"), load)
 
     def _split(self) -> tuple[np.ndarray, np.ndarray]:
         seed = derive_seed(self.cfg.seed, "holdout")
@@ -125,11 +198,34 @@ class Task:
             test, train = idx[:n_test], idx[n_test:]
             if data_cfg.max_examples:
                 train = train[: data_cfg.max_examples]
+            self._last_indices = (np.asarray(train, dtype=np.int64), np.asarray(test, dtype=np.int64))
             return pool.subset(train), pool.subset(test)
+
+        def build_cached() -> tuple[Examples, Examples]:
+            if not self.corpus_sources():
+                return build()
+            key = hashlib.sha256(
+                repr((self._corpus_key(), self.test_size, self.cfg.seed, partition_id,
+                      num_partitions, data_cfg, self.cfg.eval.client)).encode()
+            ).hexdigest()[:16]
+            path = cache_root(self.cfg.model.cache_dir) / f"part-{key}.npz"
+            pool_idx = self._split()[0]
+            whole = self.corpus()
+            if path.exists():
+                try:
+                    z = np.load(path)
+                    return whole.subset(z["train"].tolist()), whole.subset(z["test"].tolist())
+                except (OSError, ValueError, KeyError):
+                    pass
+            train, test = build()
+            # store indices into the whole corpus, found again by position in the pool
+            train_idx, test_idx = self._last_indices
+            _atomic_npz(path, train=pool_idx[train_idx], test=pool_idx[test_idx])
+            return train, test
 
         return cached(
             self._key("client", partition_id, num_partitions, data_cfg, self.cfg.seed, self.cfg.eval.client),
-            build,
+            build_cached,
         )
 
     def layout(self, rank: int) -> AdapterLayout:

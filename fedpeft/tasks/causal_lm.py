@@ -10,6 +10,7 @@ Llama for tests.
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 from fedpeft.tasks.base import Task
@@ -46,6 +47,15 @@ class CausalLM(Task):
         if self.model_name == "tiny-llama":
             return str(minilm_dir())  # tokenizer only
         return self.model_name
+
+    def corpus_sources(self) -> list[pathlib.Path]:
+        """The Q/A files and the tokenizer files."""
+        folder = pathlib.Path(self._folder())
+        return [
+            *sorted(chatterbot_english_dir().glob("*.yml")),
+            *sorted(folder.glob("tokenizer*.json")),
+            *sorted(folder.glob("vocab*")),
+        ]
 
     def tokenizer(self) -> Any:
         """The model's tokenizer (MiniLM's word pieces for ``tiny-llama``)."""

