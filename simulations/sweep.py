@@ -9,6 +9,10 @@ after another), into ``OUT/LABEL-seedK``; then ``fedpeft.report.compare`` writes
 
     python simulations/sweep.py simulations/presets/codecs.toml --out runs/codecs
     python simulations/sweep.py PRESET --only fedit,lora-fair --seeds 0   # a subset
+
+A preset may record expectations, ``[expect.LABEL] accuracy = 0.508, tolerance = 0.02``
+(the mean final accuracy over the seeds run; ``loss`` works the same way). The sweep then
+prints PASS / FAIL per expectation and exits with status 1 if any fails.
 """
 
 from __future__ import annotations
@@ -21,6 +25,30 @@ import tomllib
 from typing import Any
 
 from fedpeft.config import flatten_toml
+
+
+def load_expectations(path: pathlib.Path) -> dict[str, dict[str, float]]:
+    """``{label: {"accuracy"|"loss": value, "tolerance": t}}`` of a preset file."""
+    return dict(tomllib.loads(path.read_text()).get("expect", {}))
+
+
+def check(expect: dict[str, dict[str, float]], finals: dict[str, list[dict[str, Any]]]) -> bool:
+    """Print PASS/FAIL per expectation; True if all pass (unrun labels are skipped)."""
+    ok = True
+    for label, want in expect.items():
+        if label not in finals:
+            continue
+        tol = float(want.get("tolerance", 0.0))
+        for metric in ("accuracy", "loss"):
+            if metric not in want:
+                continue
+            values = [float(r[metric]) for r in finals[label] if r.get(metric) is not None]
+            got = sum(values) / len(values) if values else float("nan")
+            passed = abs(got - float(want[metric])) <= tol
+            ok &= passed
+            print(f"{'PASS' if passed else 'FAIL'} {label}: {metric} {got:.4f}, "
+                  f"expected {float(want[metric]):.4f} ± {tol}")
+    return ok
 
 
 def load_preset(path: pathlib.Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[int]]:
@@ -52,6 +80,7 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
     extra = parse_overrides(args.set)
     dirs = []
+    finals: dict[str, list[dict[str, Any]]] = {}
     for label, overrides in variants.items():
         for seed in seeds:
             out = args.out / f"{label}-seed{seed}"
@@ -65,9 +94,12 @@ def main() -> None:
                 print(f"{label} seed {seed}: accuracy {last.get('accuracy')} loss {last.get('loss'):.4f} "
                       f"({time.perf_counter() - start:.0f} s)")
             dirs.append(out)
+            finals.setdefault(label, []).append(json.loads((out / "summary.json").read_text())["rounds"][-1])
     report = compare(dirs, args.out)
     print(render_terminal_table(report, width=160), end="")
     print(f"report → {report.markdown_path}")
+    if not check(load_expectations(args.preset), finals):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""Preset files parse, and recorded expectations are checked (simulations/sweep.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+from fedpeft.config import parse_run_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sweep", ROOT / "simulations" / "sweep.py")
+sweep = importlib.util.module_from_spec(_spec)
+sys.modules["sweep"] = sweep
+_spec.loader.exec_module(sweep)
+
+
+def test_every_preset_variant_is_a_valid_config():
+    presets = sorted((ROOT / "simulations" / "presets").glob("*.toml"))
+    assert presets
+    for path in presets:
+        assert path.read_text().startswith("#"), path
+        base, variants, seeds = sweep.load_preset(path)
+        assert variants and seeds
+        for overrides in variants.values():
+            parse_run_config({**base, **overrides})
+        assert set(sweep.load_expectations(path)) <= set(variants), path
+
+
+def test_check_passes_and_fails(capsys):
+    expect = {"a": {"accuracy": 0.5, "tolerance": 0.01}, "b": {"loss": 1.0, "tolerance": 0.1}}
+    finals = {"a": [{"accuracy": 0.505}, {"accuracy": 0.499}], "b": [{"loss": 1.3}]}
+    assert sweep.check(expect, finals) is False
+    out = capsys.readouterr().out
+    assert "PASS a: accuracy 0.5020" in out and "FAIL b: loss 1.3000" in out
+    assert sweep.check({"a": expect["a"]}, finals) is True
