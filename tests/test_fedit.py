@@ -18,8 +18,8 @@ def test_weighted_mean_matches_hand_computation():
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3)]
     ns = [1, 2, 7]
-    out = WeightedMean().aggregate({}, {"w": xs[0]}, [_upd({"w": x}, n) for x, n in zip(xs, ns)], 1)
-    expected = sum(n * x for x, n in zip(xs, ns)) / sum(ns)
+    out = WeightedMean().aggregate({}, {"w": xs[0]}, [_upd({"w": x}, n) for x, n in zip(xs, ns, strict=True)], 1)
+    expected = sum(n * x for x, n in zip(xs, ns, strict=True)) / sum(ns)
     torch.testing.assert_close(out.tensors["w"], expected)
 
 

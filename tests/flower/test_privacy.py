@@ -4,7 +4,6 @@ combinations are refused at config time."""
 from __future__ import annotations
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from fedpeft import ConfigError

@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
+from flwr.app import Array, Error, Message
 
 from fedpeft.flower import records as rec
 from fedpeft.flower.client_app import make_client_app
