@@ -161,10 +161,8 @@ def simulate(flat: FlatConfig, quiet: bool = False, verbose: bool = False) -> pa
     out_dir = resolve_output_dir(cfg)
     flat["output.dir"] = str(out_dir)
 
-    from flwr.simulation import run_simulation
-
-    from fedpeft.flower.client_app import make_client_app
-    from fedpeft.flower.server_app import Observer, make_server_app
+    from fedpeft.flower.server_app import Observer
+    from fedpeft.flower.simulation import run_simulation_engine
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -173,16 +171,7 @@ def simulate(flat: FlatConfig, quiet: bool = False, verbose: bool = False) -> pa
     num_cpus = cfg.simulation.num_cpus or os.cpu_count() or 1
     started = time.perf_counter()
     try:
-        run_simulation(
-            server_app=make_server_app(flat, observer),
-            client_app=make_client_app(flat),
-            num_supernodes=cfg.federation.clients,
-            backend_config={
-                "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": 0.0},
-                "init_args": {"num_cpus": num_cpus, "include_dashboard": False},
-            },
-            verbose_logging=verbose,
-        )
+        run_simulation_engine(flat, cfg, observer, num_cpus, verbose)
     finally:
         if isinstance(observer, RichObserver):
             observer.stop()
