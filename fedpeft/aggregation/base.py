@@ -22,6 +22,15 @@ class Aggregator(Protocol[S]):
     Implement three methods. ``client_payload`` decides what each client receives
     (for most strategies: the global adapter, see :func:`broadcast`); per-client
     payloads (different ranks, personalised factors) come from the ``ClientPlan``.
+
+    Optional extra hook: ``check_update(state, tensors, plan) -> None``. If the
+    aggregator defines it, the server calls it on every decoded upload before
+    aggregation; raising ``FedPeftError`` (or ``ValueError``) rejects that one update
+    with the message logged as the reason, and the round goes on without it. Use it
+    for uploads whose structure only the strategy knows (e.g. Ferret's coordinates).
+
+    Optional extra hook: ``client_failed(state, plan, reason) -> state``, called when a
+    planned client replies with an error (its state may be lost); returns the new state.
     """
 
     def initialize(self, global_tensors: TensorDict) -> S:

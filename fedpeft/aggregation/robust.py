@@ -20,9 +20,12 @@ from fedpeft.types import TensorDict
 
 
 def update_norm(tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
-    """``‖x − r‖₂`` over every tensor (keys missing from ``reference`` count whole)."""
+    """``‖x − r‖₂`` over every float tensor (keys missing from ``reference`` count
+    whole; integer auxiliary tensors such as pool indices are not part of the change)."""
     total = 0.0
     for key, value in tensors.items():
+        if not value.is_floating_point():
+            continue
         ref = reference.get(key)
         delta = value.double() - ref.double() if ref is not None and ref.shape == value.shape else value.double()
         total += float((delta * delta).sum())
@@ -48,7 +51,9 @@ def clip_update(
     out: TensorDict = {}
     for key, value in tensors.items():
         ref = reference.get(key)
-        if ref is not None and ref.shape == value.shape:
+        if not value.is_floating_point():
+            out[key] = value
+        elif ref is not None and ref.shape == value.shape:
             out[key] = (ref.double() + scale * (value.double() - ref.double())).to(value.dtype)
         else:
             out[key] = (scale * value.double()).to(value.dtype)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedpeft.errors import CodecError, ConfigError
-from fedpeft.types import Scalar, TensorDict
+from fedpeft.types import AUX_PREFIX, Scalar, TensorDict
 
 CodecState = dict[str, np.ndarray]
 """Named arrays a codec keeps between rounds (e.g. error-feedback residuals)."""
@@ -86,18 +86,28 @@ class Codec(Protocol):
 
 
 def to_payload(tensors: Mapping[str, torch.Tensor]) -> Payload:
-    """Tensors as fp32 numpy arrays (the identity encoding)."""
+    """Tensors as numpy arrays (the identity encoding): fp32, except integer
+    auxiliary tensors (keys starting with ``"aux."``: pool indices, seeds, counters)
+    which keep their dtype so they travel exactly and at their own width."""
     arrays = {}
     for key, t in tensors.items():
-        arrays[key] = t.detach().to("cpu", torch.float32).contiguous().numpy()
+        t = t.detach().to("cpu")
+        if not (key.startswith(AUX_PREFIX) and _integer(t.dtype)):
+            t = t.to(torch.float32)
+        arrays[key] = t.contiguous().numpy()
     return Payload(arrays=arrays)
+
+
+def _integer(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
 def from_payload(payload: Payload) -> TensorDict:
     """The inverse of :func:`to_payload`; fails if a stage left extra keys."""
     out: TensorDict = {}
     for key, arr in payload.arrays.items():
-        if arr.dtype != np.float32:
+        aux_int = key.startswith(AUX_PREFIX) and arr.dtype.kind in "iu"
+        if arr.dtype != np.float32 and not aux_int:
             raise CodecError(
                 f"decoded array {key!r} has dtype {arr.dtype}, expected float32; "
                 "the codec chain did not fully decode this payload"

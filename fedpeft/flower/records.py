@@ -54,6 +54,14 @@ def content_nbytes(content: RecordDict) -> int:
     return total
 
 
+def arrays_nbytes(content: RecordDict) -> int:
+    """Raw bytes of the array data in a message's ``ARRAYS`` record (no headers)."""
+    if ARRAYS not in content:
+        return 0
+    record = content[ARRAYS]
+    return int(sum(record[k].numpy().nbytes for k in record.keys()))
+
+
 def plan_to_config(plan: ClientPlan, server_round: int) -> dict[str, Scalar]:
     """The plan as flat ConfigRecord entries."""
     out: dict[str, Scalar] = {

@@ -175,6 +175,7 @@ class RoundLog:
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     clients: list[dict[str, Any]] = field(default_factory=list)
+    strategy_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class FlowerStrategyAdapter(Strategy):
@@ -242,7 +243,7 @@ class FlowerStrategyAdapter(Strategy):
         self.state = states["aggregator"]
         self.selector_state = states["selector"]
         self.down_state = {int(k): v for k, v in states.get("downlink_codec", {}).items()}
-        self.ledger.entries = [tuple(e) for e in ledger]  # type: ignore[misc]
+        self.ledger.restore(ledger)
 
     # -- Flower's Strategy interface ------------------------------------------------
     def summary(self) -> None:
@@ -307,7 +308,9 @@ class FlowerStrategyAdapter(Strategy):
                     ),
                 }
             )
-            self.ledger.record(server_round, "downlink", node_id, rec.content_nbytes(content))
+            self.ledger.record(
+                server_round, "downlink", node_id, rec.content_nbytes(content), payload.nbytes()
+            )
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         return messages
 
@@ -385,6 +388,7 @@ class FlowerStrategyAdapter(Strategy):
         self.selector_state = self.selector.feedback(self.selector_state, updates, output)
         del previous
         info.metrics.update({**_weighted_metrics(updates), **telemetry, **dict(output.metrics)})
+        info.strategy_metrics = {k: float(v) for k, v in output.metrics.items() if "layer/" not in k}
         info.clients = [
             {
                 "node_id": u.node_id,
@@ -476,9 +480,14 @@ class FlowerStrategyAdapter(Strategy):
                 log.warning("round %d: %s; dropping it", server_round, reason)
                 if plan is not None:
                     failed.append(plan)
+                    hook = getattr(self.fed.aggregator, "client_failed", None)
+                    if callable(hook):  # e.g. Ferret resyncs a client that lost its replica
+                        self.state = hook(self.state, plan, reason)
                 continue
             nbytes = rec.content_nbytes(reply.content)
-            self.ledger.record(server_round, "uplink", node_id, nbytes)
+            self.ledger.record(
+                server_round, "uplink", node_id, nbytes, rec.arrays_nbytes(reply.content)
+            )
             try:
                 if limit and nbytes > limit:
                     raise IncompatibleUpdateError(
@@ -538,6 +547,9 @@ class FlowerStrategyAdapter(Strategy):
             raise CodecError(f"cannot decode with {self.uplink.name!r}: {err}") from err
         self._validate(tensors, plan)
         metrics = content[rec.METRICS]
+        check = getattr(self.fed.aggregator, "check_update", None)
+        if callable(check):  # the strategy's own validation of what it asked for
+            check(self.state, tensors, plan)
         num_examples = metrics.get(rec.NUM_EXAMPLES)
         if not isinstance(num_examples, int) or num_examples < 0:
             raise IncompatibleUpdateError(
@@ -556,7 +568,8 @@ class FlowerStrategyAdapter(Strategy):
         problems = []
         for key, value in tensors.items():
             if key.startswith(AUX_PREFIX):
-                pass
+                if not value.is_floating_point():
+                    continue  # integer auxiliary tensors (indices, seeds): always finite
             elif key not in self.global_tensors or is_base_delta_key(key):
                 problems.append(f"unexpected key {key!r}")
                 continue
@@ -811,6 +824,8 @@ def run_server(
             "loss": metrics.get("loss", info.metrics.get("train-loss")),
             "uplink_bytes": adapter.ledger.round_total(server_round, "uplink"),
             "downlink_bytes": adapter.ledger.round_total(server_round, "downlink"),
+            "uplink_payload_bytes": adapter.ledger.round_total(server_round, "uplink", payload=True),
+            "downlink_payload_bytes": adapter.ledger.round_total(server_round, "downlink", payload=True),
             "seconds": (time.perf_counter() - info.started) if info.started else 0.0,
             "sampled": info.sampled,
             "rejected": info.rejected,
@@ -823,6 +838,7 @@ def run_server(
             record["aggregation_error"] = info.metrics.get("aggregation_error")
             record["aggregation_cosine"] = info.metrics.get("aggregation_cosine")
             record["clients"] = info.clients
+            record["strategy_metrics"] = dict(info.strategy_metrics)
             record.update({k: v for k, v in info.metrics.items() if k.startswith("client_")})
         results.add_round(record)
         _append_details(details_path, server_round, info, adapter)
@@ -860,6 +876,8 @@ def run_server(
     results.extra["totals"] = {
         "uplink_bytes": adapter.ledger.total("uplink"),
         "downlink_bytes": adapter.ledger.total("downlink"),
+        "uplink_payload_bytes": adapter.ledger.total("uplink", payload=True),
+        "downlink_payload_bytes": adapter.ledger.total("downlink", payload=True),
     }
     results.write()
     if cfg.output.save_adapter:

@@ -250,7 +250,8 @@ class Task:
                 r=rank,
                 lora_alpha=self.cfg.lora.alpha,
                 lora_dropout=self.cfg.lora.dropout,
-                target_modules=list(self.targets),
+                # peft's "all-linear" is a string, not a module name
+                target_modules="all-linear" if self.targets == ("all-linear",) else list(self.targets),
                 use_rslora=self.cfg.lora.rslora,
                 task_type=self.task_type(),
             )

@@ -25,6 +25,7 @@ import torch
 from fedpeft.errors import IncompatibleUpdateError
 from fedpeft.lora.peft_io import (
     AdapterLayout,
+    base_delta_key,
     base_delta_module,
     is_base_delta_key,
     param_key,
@@ -83,13 +84,21 @@ class AdapterModel:
             for name, p in model.named_parameters()
             if p.requires_grad
         }
+        self._trained_base: set[str] = set()
         self.initial: TensorDict = self.tensors()
         self._base_original: dict[str, torch.Tensor] = {}
         self._shifted: set[str] = set()
 
     def tensors(self) -> TensorDict:
-        """A detached copy of every adapter tensor."""
-        return {k: p.detach().clone() for k, p in self.params.items()}
+        """A detached copy of every adapter tensor, plus the base delta
+        ``(d_out, d_in)`` of every base weight made trainable by :meth:`set_trainable`."""
+        out = {k: p.detach().clone() for k, p in self.params.items()}
+        for module in sorted(self._trained_base):
+            change = self._base_weight(module) - self._base_original[module]
+            if getattr(self._layer(module), "fan_in_fan_out", False):
+                change = change.T  # Conv1D stores (in, out)
+            out[base_delta_key(module)] = change.contiguous()
+        return out
 
     def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Load adapter tensors (every key) and optional base deltas.
@@ -145,16 +154,43 @@ class AdapterModel:
         return base.weight.data
 
     def set_trainable(self, keys: frozenset[str]) -> list[torch.nn.Parameter]:
-        """Freeze every adapter tensor not in ``keys``; return the trainable ones."""
-        unknown = sorted(set(keys) - set(self.params))
+        """Freeze every adapter tensor not in ``keys``; return the trainable ones.
+
+        ``keys`` may also hold base-delta keys (``"<module>.base_layer.delta"`` of a
+        LoRA-wrapped module): that module's frozen base weight is then trained
+        directly (full-parameter tuning of a subset, e.g. Ferret's ``mode=full``), and
+        :meth:`tensors` reports its change as the delta key until the next call.
+        """
+        deltas = {base_delta_module(k) for k in keys if is_base_delta_key(k)}
+        unknown = sorted(set(keys) - set(self.params) - {k for k in keys if is_base_delta_key(k)})
+        unknown += [m for m in sorted(deltas) if not hasattr(self._layer(m), "base_layer")]
         if unknown:
             raise IncompatibleUpdateError(f"cannot train unknown adapter keys {unknown[:3]}")
+        for module in self._trained_base - deltas:
+            self._base_param(module).requires_grad_(False)
         out = []
         for k, p in self.params.items():
             p.requires_grad_(k in keys)
             if k in keys:
                 out.append(p)
+        for module in sorted(deltas):
+            weight = self._base_param(module)
+            if module not in self._base_original:
+                self._base_original[module] = weight.detach().clone()
+            self._shifted.add(module)
+            weight.requires_grad_(True)
+            out.append(weight)
+        self._trained_base = deltas
         return out
+
+    def _layer(self, module: str) -> Any:
+        try:
+            return self.model.get_submodule(module)
+        except AttributeError as err:
+            raise IncompatibleUpdateError(f"the model has no module {module!r}") from err
+
+    def _base_param(self, module: str) -> torch.nn.Parameter:
+        return self._layer(module).base_layer.weight
 
     def save_adapter(self, directory: pathlib.Path) -> None:
         """Save the loaded adapter in peft format (``PeftModel.from_pretrained`` loads it).
