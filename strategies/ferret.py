@@ -89,6 +89,7 @@ UPLOAD = {k: PREFIX + k for k in ("values", "indices", "offsets")}
 REPLICA = PREFIX + "replica."
 VERSION = PREFIX + "version"
 FULL = PREFIX + "full."
+DENSE = PREFIX + "dense."
 HEADER_BYTES = 24
 """The int64 round header of every Ferret message (3 × 8 bytes)."""
 
@@ -117,6 +118,10 @@ class FerretOptions:
         max_replay: most missed rounds a client replays before it is sent the full
             state instead.
         equal_weights: weight clients equally (reference) instead of by examples.
+        projection: ``false`` turns Ferret off and exchanges the tuned tensors densely
+            (client change up, full state down, example-weighted mean): FedAvg on the
+            same tensors, the baseline Ferret's bytes are compared with (with
+            ``mode=full``: full-parameter FedAvg).
     """
 
     mode: Literal["lora", "full"] = "lora"
@@ -131,6 +136,7 @@ class FerretOptions:
     block_ratio: float = 0.9
     max_replay: int = 20
     equal_weights: bool = False
+    projection: bool = True
 
     def core(self) -> FerretConfig:
         """The projection core's settings (validated there)."""
@@ -256,6 +262,7 @@ class FerretAggregator:
             "synced": {},
             "momentum": None,
             "num_blocks": block_layout(space, self.options.block_ratio).num_blocks,
+            "shapes": {k: list(v.shape) for k, v in space.items()},
         }
 
     def client_payload(
@@ -263,7 +270,7 @@ class FerretAggregator:
     ) -> TensorDict:
         """The missed rounds' ``(Γ, P, η_s)`` — or the full state — plus the header."""
         core = self.options.core()
-        version = len(state["gamma"])
+        version = len(state["rounds"])
         server_round = int(state["rounds"][-1]) + 1 if state["rounds"] else 1
         synced = int(state["synced"].get(str(plan.partition_id), 0))
         start = synced if 0 <= synced <= version else 0
@@ -274,7 +281,9 @@ class FerretAggregator:
         header = torch.tensor(
             [version, pool_seed(self.run_seed, server_round, core), server_round], dtype=torch.int64
         )
-        if missed <= self.options.max_replay and replay_bytes <= dense:
+        if not self.options.projection:
+            out = {FULL + k: v for k, v in space.items()}  # FedAvg: the model, every round
+        elif missed <= self.options.max_replay and replay_bytes <= dense:
             if missed:
                 log.info(
                     "ferret: partition %d catches up from version %d by replaying %d round(s) (%d B)",
@@ -293,15 +302,27 @@ class FerretAggregator:
 
     def check_update(self, state: dict[str, Any], tensors: TensorDict, plan: ClientPlan) -> None:
         """Reject uploads that are not well-formed coordinates of this round."""
-        unknown = sorted(set(tensors) - set(UPLOAD.values()) - {HEADER})
+        expected = (
+            set(UPLOAD.values()) if self.options.projection else {DENSE + k for k in state["shapes"]}
+        ) | {HEADER}
+        unknown = sorted(set(tensors) - expected)
         if unknown:
             raise IncompatibleUpdateError(
                 f"Ferret upload has unexpected tensors {unknown[:3]}; expected only "
-                f"{sorted([*UPLOAD.values(), HEADER])}"
+                f"{sorted(expected)[:4]}"
             )
-        self._decode(state, tensors)
+        if self.options.projection:
+            self._decode(state, tensors)
+        else:
+            for key, shape in state["shapes"].items():
+                value = tensors.get(DENSE + key)
+                if value is None or list(value.shape) != list(shape):
+                    raise IncompatibleUpdateError(
+                        f"dense upload of {key!r} is {None if value is None else tuple(value.shape)}, "
+                        f"expected {tuple(shape)}"
+                    )
         header = tensors.get(HEADER)
-        version = len(state["gamma"])
+        version = len(state["rounds"])
         if header is None or tuple(header.shape) != (3,) or int(header[0]) != version:
             raise IncompatibleUpdateError(
                 f"Ferret upload header {None if header is None else header.tolist()} does not "
@@ -329,61 +350,71 @@ class FerretAggregator:
     ) -> RoundOutput[dict[str, Any]]:
         """``Γ_t = μΓ_{t−1} + Σ_k p_k γ^{(k)}``, then ``w_t = w_{t−1} − η_s Σ clip(Γ v)``."""
         core = self.options.core()
-        uploads = [self._decode(state, u.tensors) for u in updates]
+        version = len(state["rounds"])
         weights = client_weights(updates, self.options.equal_weights)
-        given = {int(u.tensors[HEADER][1]) for u in updates}
-        if len(given) != 1:
-            raise IncompatibleUpdateError(f"Ferret uploads were trained for different rounds {sorted(given)}")
-        seed = pool_seed(self.run_seed, given.pop(), core)
-        momentum_state = _server_state(state)
-        new_server, update = server_update(
-            momentum_state,
-            uploads,
-            weights,
-            server_round=len(state["gamma"]) + 1,
-            pool_seed=seed,
-            config=core,
-            server_lr=_lr_for(self.options, core, server_round, self.num_rounds),
-        )
         space = tuned_space(global_tensors, self.options.mode)
-        layout = block_layout(space, self.options.block_ratio)
-        new_space = apply_update(space, layout, update, core)
+        if self.options.projection:
+            uploads = [self._decode(state, u.tensors) for u in updates]
+            given = {int(u.tensors[HEADER][1]) for u in updates}
+            if len(given) != 1:
+                raise IncompatibleUpdateError(
+                    f"Ferret uploads were trained for different rounds {sorted(given)}"
+                )
+            new_server, update = server_update(
+                _server_state(state),
+                uploads,
+                weights,
+                server_round=version + 1,
+                pool_seed=pool_seed(self.run_seed, given.pop(), core),
+                config=core,
+                server_lr=_lr_for(self.options, core, server_round, self.num_rounds),
+            )
+            new_space = apply_update(space, block_layout(space, self.options.block_ratio), update, core)
+            sent = [float(upload_nbytes(c.budgets) + HEADER_BYTES) for c in uploads]
+            record = (update.gamma, update.pool_seed, update.server_lr)
+            momentum = new_server.gamma if core.momentum > 0 else None
+        else:  # FedAvg on the same tensors: w_t = w_{t−1} − Σ_k p_k Δ_k
+            new_space = {}
+            for key, value in space.items():
+                mean = sum(p * u.tensors[DENSE + key].double() for p, u in zip(weights, updates, strict=True))
+                new_space[key] = (value.double() - mean).to(value.dtype)
+            sent = [float(sum(v.numel() * 4 for v in space.values()) + HEADER_BYTES)] * len(updates)
+            record = (torch.zeros(0), 0, 1.0)
+            momentum = None
         tensors = {**global_tensors, **new_space}
         synced = dict(state["synced"])
         replayed = []
         for u in updates:
-            synced[str(u.plan.partition_id)] = len(state["gamma"])
+            synced[str(u.plan.partition_id)] = version
             replayed.append(float(u.tensors[HEADER][2]))
         step = math.sqrt(
             sum(float(((new_space[k] - space[k]).double() ** 2).sum()) for k in space)
         )
-        coefficients = [float(sum(c.budgets)) for c in uploads]
         new_state = {
-            "gamma": [*state["gamma"], update.gamma],
-            "pool_seeds": [*state["pool_seeds"], update.pool_seed],
-            "server_lrs": [*state["server_lrs"], update.server_lr],
+            **state,
+            "gamma": [*state["gamma"], record[0]],
+            "pool_seeds": [*state["pool_seeds"], record[1]],
+            "server_lrs": [*state["server_lrs"], record[2]],
             "rounds": [*state["rounds"], server_round],
             "synced": synced,
-            "momentum": new_server.gamma if core.momentum > 0 else None,
-            "num_blocks": state["num_blocks"],
+            "momentum": momentum,
         }
         metrics = {
-            "ferret/coefficients_mean": float(np.mean(coefficients)),
-            "ferret/uplink_formula_bytes": float(
-                sum(upload_nbytes(c.budgets) + HEADER_BYTES for c in uploads)
-            ),
+            "ferret/uplink_formula_bytes": float(sum(sent)),
             "ferret/full_syncs": float(sum(1 for r in replayed if r < 0)),
             "ferret/replayed_rounds": float(sum(r for r in replayed if r > 0)),
             "ferret/step_norm": step,
-            "ferret/server_lr": update.server_lr,
         }
+        if self.options.projection:
+            metrics["ferret/coefficients_mean"] = float(np.mean([sum(c.budgets) for c in uploads]))
+            metrics["ferret/server_lr"] = record[2]
         return RoundOutput(new_state, tensors, metrics)
 
 
 def _server_state(state: Mapping[str, Any]) -> Any:
     from fedpeft.projection import FerretServerState
 
-    return FerretServerState(state["momentum"], len(state["gamma"]))
+    return FerretServerState(state["momentum"], len(state["rounds"]))
 
 
 # --------------------------------------------------------------------------- client
@@ -451,8 +482,14 @@ class FerretClient:
             raise FedPeftError("FerretClient.finish called without start for this message")
         replica, version, replayed = synced
         new = {k: trained[k] for k in replica}
-        layout = block_layout(replica, self.options.block_ratio)
         server_round = int(received[HEADER][2])
+        header = torch.tensor([version, server_round, replayed], dtype=torch.int64)
+        new_state: TensorDict = {REPLICA + k: v for k, v in replica.items()}
+        new_state[VERSION] = torch.tensor([version], dtype=torch.int64)
+        if not self.options.projection:
+            dense = {DENSE + k: (replica[k].float() - new[k].float()) for k in replica}
+            return {**dense, HEADER: header}, {}
+        layout = block_layout(replica, self.options.block_ratio)
         coeffs = encode_update(
             replica,
             new,
@@ -463,9 +500,7 @@ class FerretClient:
         )
         packed = encode_coefficients(coeffs)
         upload: TensorDict = {UPLOAD[k]: torch.from_numpy(v) for k, v in packed.items()}
-        upload[HEADER] = torch.tensor([version, server_round, replayed], dtype=torch.int64)
-        new_state: TensorDict = {REPLICA + k: v for k, v in replica.items()}
-        new_state[VERSION] = torch.tensor([version], dtype=torch.int64)
+        upload[HEADER] = header
         return upload, new_state
 
 

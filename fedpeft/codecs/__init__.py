@@ -3,7 +3,7 @@
 A codec spec is a chain of stages joined by ``+``, a stage's parameter after ``:``,
 e.g. ``"identity"`` or ``"topk:0.05+int8+zstd"``. See :func:`build_codec`.
 Importing this package registers every built-in stage: ``identity``, ``fp16``,
-``bf16``, ``int8``, ``int4``, ``topk``, ``lowrank`` and ``zstd``.
+``bf16``, ``int8``, ``int4``, ``topk``, ``lowrank``, ``ferret`` and ``zstd``.
 """
 
 from fedpeft.codecs.base import (
@@ -18,6 +18,7 @@ from fedpeft.codecs.base import (
     to_payload,
 )
 from fedpeft.codecs.cast import HalfCast
+from fedpeft.codecs.ferret import FerretProjection
 from fedpeft.codecs.identity import Identity
 from fedpeft.codecs.lowrank import PowerSgdLowRank
 from fedpeft.codecs.quantize import StochasticQuantizer
@@ -28,6 +29,7 @@ __all__ = [
     "Chain",
     "Codec",
     "CodecContext",
+    "FerretProjection",
     "HalfCast",
     "Identity",
     "Payload",

@@ -122,6 +122,12 @@ def build_strategy(cfg: RunConfig) -> tuple[FedStrategy, Chain, Chain]:
             )
     problems = []
     name = cfg.strategy.name
+    one_way = [s.name for s in downlink.stages if getattr(s, "uplink_only", False)]
+    if one_way:
+        problems.append(
+            f"codec.downlink: stage(s) {one_way} code a client's change and work on the "
+            "uplink only; use them in codec.uplink"
+        )
     if cfg.privacy.secagg:
         if fed.needs_individual_updates:
             problems.append(

@@ -35,8 +35,16 @@ ELEMENTWISE = [
     "topk:100+int4:64+zstd",
 ]
 NORM_BOUNDED = ["lowrank:2", "lowrank:2+zstd", "lowrank:3+fp16+zstd"]
-SPECS = LOSSLESS + ELEMENTWISE + NORM_BOUNDED
-STOCHASTIC = ["int8", "int4", "int8+zstd", "topk:0.05+int8+zstd", "lowrank:2"]
+PROJECTED = ["ferret:16", "ferret:16+zstd"]  # unbiased, not bounded: tests/codecs/test_ferret_codec.py
+SPECS = LOSSLESS + ELEMENTWISE + NORM_BOUNDED + PROJECTED
+STOCHASTIC = [
+    "int8",
+    "int4",
+    "int8+zstd",
+    "topk:0.05+int8+zstd",
+    "lowrank:2",
+    "ferret:16",
+]
 DETERMINISTIC = ["fp16", "bf16", "topk:0.05", "zstd", "fp16+zstd"]
 
 
