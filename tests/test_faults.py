@@ -64,6 +64,7 @@ RESUME_CASES = {
     "fedit": {},
     "lora-fair": {"strategy.name": "lora-fair"},
     "fedit + topk error feedback": {"codec.uplink": "topk:0.1+int8+zstd"},
+    "ferret (server history + client replicas)": {"strategy.name": "ferret", "ferret.num-seeds": 8},
 }
 
 

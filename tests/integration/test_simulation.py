@@ -43,6 +43,28 @@ def test_fedpeft_simulate_runs_on_the_ray_engine(tmp_path):
     assert (out / "adapter" / "adapter_config.json").exists()
 
 
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_ferret_runs_on_the_ray_engine_with_bytes_from_the_formulas(tmp_path, mode):
+    out = tmp_path / "run"
+    sets = [*TINY_SET, f"ferret.mode={mode}", "ferret.num-seeds=16"]
+    if mode == "full":
+        sets.append("lora.target-modules=all-linear")
+    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--strategy", "ferret", "--rounds", "2",
+           "--clients", "2", "--out", str(out), "--quiet"] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = json.loads((out / "summary.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds[1:]:
+        assert r["failed"] == 0 and r["rejected"] == 0
+        assert r["uplink_payload_bytes"] == r["strategy_metrics"]["ferret/uplink_formula_bytes"]
+    assert rounds[1]["downlink_payload_bytes"] == 2 * 24  # headers only: both start at version 0
+    # round 2: one replayed (L, K = 16) table per client: 4·L·K + 24 + 24 bytes
+    per_client = rounds[2]["downlink_payload_bytes"] / 2
+    assert (per_client - 48) % (4 * 16) == 0 and per_client > 48
+
 def test_malformed_config_exits_nonzero_naming_the_key(tmp_path):
     cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--rounds", "0", "--clients", "2",
            "--set", "federation.clients-per-round=5", "--set", "lora.rr=3"]
