@@ -60,10 +60,17 @@ from fedpeft import (
     client_weights,
     register_strategy,
 )
-from fedpeft.lora.peft_io import base_delta_key, factor_keys, is_base_delta_key, is_lora_key, lora_modules
+from fedpeft.lora.peft_io import (
+    base_delta_key,
+    factor_keys,
+    is_base_delta_key,
+    is_lora_key,
+    lora_modules,
+)
 from fedpeft.projection import (
     BlockLayout,
     FerretConfig,
+    FerretServerState,
     RoundUpdate,
     apply_update,
     catch_up,
@@ -183,7 +190,9 @@ def block_layout(space: Mapping[str, torch.Tensor], ratio: float) -> BlockLayout
     return partition_blocks([(k, v.numel()) for k, v in space.items()], ratio)
 
 
-def _lr_for(options: FerretOptions, core: FerretConfig, server_round: int, num_rounds: int) -> float:
+def _lr_for(
+    options: FerretOptions, core: FerretConfig, server_round: int, num_rounds: int
+) -> float:
     if options.server_lr_schedule == "linear" and num_rounds > 0:
         return core.server_lr * max(0.0, 1.0 - (server_round - 1) / num_rounds)
     return core.server_lr
@@ -229,9 +238,7 @@ def _unpack_replay(received: Mapping[str, torch.Tensor]) -> list[RoundUpdate]:
             f"Ferret replay has {n} tables but rounds/pool_seeds/server_lrs of shapes "
             f"{tuple(rounds.shape)}, {tuple(seeds.shape)}, {tuple(lrs.shape)}"
         )
-    return [
-        RoundUpdate(int(rounds[i]), int(seeds[i]), gamma[i], float(lrs[i])) for i in range(n)
-    ]
+    return [RoundUpdate(int(rounds[i]), int(seeds[i]), gamma[i], float(lrs[i])) for i in range(n)]
 
 
 # --------------------------------------------------------------------------- server
@@ -287,14 +294,21 @@ class FerretAggregator:
             if missed:
                 log.info(
                     "ferret: partition %d catches up from version %d by replaying %d round(s) (%d B)",
-                    plan.partition_id, start, missed, replay_bytes,
+                    plan.partition_id,
+                    start,
+                    missed,
+                    replay_bytes,
                 )
             out = _pack_replay(_history_updates(state, start), state["num_blocks"], core.num_seeds)
         else:
             log.info(
                 "ferret: partition %d is %d round(s) behind (ferret.max-replay=%d, replay %d B "
                 "vs dense %d B): sending the full state",
-                plan.partition_id, missed, self.options.max_replay, replay_bytes, dense,
+                plan.partition_id,
+                missed,
+                self.options.max_replay,
+                replay_bytes,
+                dense,
             )
             out = {FULL + k: v for k, v in space.items()}
         out[HEADER] = header
@@ -303,7 +317,9 @@ class FerretAggregator:
     def check_update(self, state: dict[str, Any], tensors: TensorDict, plan: ClientPlan) -> None:
         """Reject uploads that are not well-formed coordinates of this round."""
         expected = (
-            set(UPLOAD.values()) if self.options.projection else {DENSE + k for k in state["shapes"]}
+            set(UPLOAD.values())
+            if self.options.projection
+            else {DENSE + k for k in state["shapes"]}
         ) | {HEADER}
         unknown = sorted(set(tensors) - expected)
         if unknown:
@@ -330,7 +346,9 @@ class FerretAggregator:
             )
 
     def _decode(self, state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
-        arrays = {k.removeprefix(PREFIX): v.numpy() for k, v in tensors.items() if k in UPLOAD.values()}
+        arrays = {
+            k.removeprefix(PREFIX): v.numpy() for k, v in tensors.items() if k in UPLOAD.values()
+        }
         return decode_coefficients(
             arrays, num_blocks=state["num_blocks"], num_seeds=self.options.num_seeds
         )
@@ -369,14 +387,19 @@ class FerretAggregator:
                 config=core,
                 server_lr=_lr_for(self.options, core, server_round, self.num_rounds),
             )
-            new_space = apply_update(space, block_layout(space, self.options.block_ratio), update, core)
+            new_space = apply_update(
+                space, block_layout(space, self.options.block_ratio), update, core
+            )
             sent = [float(upload_nbytes(c.budgets) + HEADER_BYTES) for c in uploads]
             record = (update.gamma, update.pool_seed, update.server_lr)
             momentum = new_server.gamma if core.momentum > 0 else None
         else:  # FedAvg on the same tensors: w_t = w_{t−1} − Σ_k p_k Δ_k
             new_space = {}
             for key, value in space.items():
-                mean = sum(p * u.tensors[DENSE + key].double() for p, u in zip(weights, updates, strict=True))
+                mean = sum(
+                    p * u.tensors[DENSE + key].double()
+                    for p, u in zip(weights, updates, strict=True)
+                )
                 new_space[key] = (value.double() - mean).to(value.dtype)
             sent = [float(sum(v.numel() * 4 for v in space.values()) + HEADER_BYTES)] * len(updates)
             record = (torch.zeros(0), 0, 1.0)
@@ -387,9 +410,7 @@ class FerretAggregator:
         for u in updates:
             synced[str(u.plan.partition_id)] = version
             replayed.append(float(u.tensors[HEADER][2]))
-        step = math.sqrt(
-            sum(float(((new_space[k] - space[k]).double() ** 2).sum()) for k in space)
-        )
+        step = math.sqrt(sum(float(((new_space[k] - space[k]).double() ** 2).sum()) for k in space))
         new_state = {
             **state,
             "gamma": [*state["gamma"], record[0]],
@@ -411,9 +432,7 @@ class FerretAggregator:
         return RoundOutput(new_state, tensors, metrics)
 
 
-def _server_state(state: Mapping[str, Any]) -> Any:
-    from fedpeft.projection import FerretServerState
-
+def _server_state(state: Mapping[str, Any]) -> FerretServerState:
     return FerretServerState(state["momentum"], len(state["rounds"]))
 
 
@@ -431,21 +450,25 @@ class FerretClient:
     options: FerretOptions
     run_seed: int
 
-    def _replica(self, received: TensorDict, init: TensorDict, state: TensorDict) -> tuple[TensorDict, int, int]:
+    def _replica(
+        self, received: TensorDict, init: TensorDict, state: TensorDict
+    ) -> tuple[TensorDict, int, int]:
         """``(tuned tensors at the target version, that version, replayed or −1)``."""
         core = self.options.core()
         header = received.get(HEADER)
         if header is None:
-            raise IncompatibleUpdateError(f"Ferret message lacks {HEADER!r}; is the server running ferret?")
+            raise IncompatibleUpdateError(
+                f"Ferret message lacks {HEADER!r}; is the server running ferret?"
+            )
         target = int(header[0])
-        full = {k[len(FULL):]: v for k, v in received.items() if k.startswith(FULL)}
+        full = {k[len(FULL) :]: v for k, v in received.items() if k.startswith(FULL)}
         if full:
             return dict(full), target, -1
         updates = _unpack_replay(received)
         first = updates[0].server_round - 1 if updates else target
         mine = int(state[VERSION][0]) if VERSION in state else 0
         if mine >= first and mine <= target and VERSION in state:
-            replica = {k[len(REPLICA):]: v for k, v in state.items() if k.startswith(REPLICA)}
+            replica = {k[len(REPLICA) :]: v for k, v in state.items() if k.startswith(REPLICA)}
         elif first == 0:
             replica, mine = tuned_space(init, self.options.mode), 0
         else:

@@ -72,7 +72,9 @@ class FerretProjection:
         return False
 
     def _seeds(self, ctx: CodecContext) -> tuple[int, int]:
-        return derive_seed(ctx.seed, "ferret-codec-pool"), derive_seed(ctx.seed, "ferret-codec-subset")
+        return derive_seed(ctx.seed, "ferret-codec-pool"), derive_seed(
+            ctx.seed, "ferret-codec-subset"
+        )
 
     def _config(self) -> FerretConfig:
         return FerretConfig(num_seeds=self.num_seeds)
@@ -119,7 +121,7 @@ class FerretProjection:
             ) from err
         like = {k: torch.zeros(s) for k, s, _ in entries}
         layout = partition_blocks([(k, v.numel()) for k, v in like.items()], self.block_ratio)
-        packed = {k[len(TAG):]: a for k, a in payload.arrays.items() if k.startswith(TAG)}
+        packed = {k[len(TAG) :]: a for k, a in payload.arrays.items() if k.startswith(TAG)}
         coeffs = decode_coefficients(packed, num_blocks=layout.num_blocks, num_seeds=self.num_seeds)
         pool, _ = self._seeds(ctx)
         estimate = reconstruct_update(
@@ -136,7 +138,9 @@ class FerretProjection:
 def _ferret(param: str | None) -> FerretProjection:
     if param is None:
         return FerretProjection()
-    return FerretProjection(int_param("ferret", param, low=1, high=1 << 16, what="the seed pool size K"))
+    return FerretProjection(
+        int_param("ferret", param, low=1, high=1 << 16, what="the seed pool size K")
+    )
 
 
 register_codec("ferret", _ferret)

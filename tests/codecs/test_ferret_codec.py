@@ -73,7 +73,9 @@ def test_decode_with_other_seed_gives_a_different_estimate():
 
 def test_downlink_encode_is_refused():
     with pytest.raises(CodecError, match="uplink-only"):
-        build_codec("ferret:8").encode(to_payload(_update()), {}, CodecContext(direction="downlink"))
+        build_codec("ferret:8").encode(
+            to_payload(_update()), {}, CodecContext(direction="downlink")
+        )
 
 
 def test_downlink_config_names_the_key():

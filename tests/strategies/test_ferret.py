@@ -41,7 +41,9 @@ def _init(mode):
     def init(rank):
         tensors = fx.adapter(0, rank, shapes=SHAPES, dtype=torch.float32)
         if mode == "full":
-            tensors.update({k: v for k, v in F.tuned_space(tensors, "full").items() if k not in tensors})
+            tensors.update(
+                {k: v for k, v in F.tuned_space(tensors, "full").items() if k not in tensors}
+            )
         return tensors
 
     return init
@@ -68,7 +70,9 @@ def _rounds(fed, mode, schedule, state=None, global_tensors=None, client_states=
 def _synced_replica(fed, state, global_tensors, client_states, pid, mode):
     p = fx.plan(pid)
     received = fed.aggregator.client_payload(state, global_tensors, p)
-    start, trainable = fed.client.start(received, _init(mode)(4), fx.save_load(client_states.get(pid, {})), p)
+    start, trainable = fed.client.start(
+        received, _init(mode)(4), fx.save_load(client_states.get(pid, {})), p
+    )
     return received, {k: start[k] for k in trainable}
 
 
@@ -132,7 +136,12 @@ def _one_upload(fed):
     ("corrupt", "match"),
     [
         (lambda t: t.update({F.UPLOAD["offsets"]: t[F.UPLOAD["offsets"]][:-1]}), "offsets"),
-        (lambda t: t.update({F.UPLOAD["indices"]: torch.from_numpy(t[F.UPLOAD["indices"]].numpy() + K)}), "pool index"),
+        (
+            lambda t: t.update(
+                {F.UPLOAD["indices"]: torch.from_numpy(t[F.UPLOAD["indices"]].numpy() + K)}
+            ),
+            "pool index",
+        ),
         (lambda t: t.update({F.HEADER: torch.tensor([7, 1, 0])}), "current version"),
         (lambda t: t.update({"aux.ferret.extra": torch.zeros(1)}), "unexpected"),
         (lambda t: t.pop(F.UPLOAD["values"]), "values"),
@@ -183,7 +192,9 @@ def _recorder():
     def tamper(pid, instruction, reply):
         arrays = reply.content[rec.ARRAYS]
         key = next(k for k in arrays.keys() if k.endswith("ferret.offsets"))
-        seen.append((int(instruction.content[rec.CONFIG][rec.SERVER_ROUND]), arrays[key].numpy().copy()))
+        seen.append(
+            (int(instruction.content[rec.CONFIG][rec.SERVER_ROUND]), arrays[key].numpy().copy())
+        )
         return reply
 
     return tamper, seen
@@ -204,15 +215,22 @@ def _check_bytes(cfg, seen, clients):
         missed = 0 if r["round"] == 1 else 1  # every client trains every round
         assert r["downlink_payload_bytes"] == clients * (missed * (4 * L * K + 24) + 24)
         assert all(2 * L <= int(o[-1]) <= K * L for o in offsets)
-    assert summary["totals"]["uplink_payload_bytes"] == sum(r["uplink_payload_bytes"] for r in rounds)
+    assert summary["totals"]["uplink_payload_bytes"] == sum(
+        r["uplink_payload_bytes"] for r in rounds
+    )
     return rounds
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_end_to_end_bytes_match_the_formulas(mode, tiny_config):
     tamper, seen = _recorder()
-    cfg = {**tiny_config, "strategy.name": "ferret", "ferret.mode": mode, "ferret.num-seeds": K,
-           "federation.rounds": 3}
+    cfg = {
+        **tiny_config,
+        "strategy.name": "ferret",
+        "ferret.mode": mode,
+        "ferret.num-seeds": K,
+        "federation.rounds": 3,
+    }
     if mode == "full":
         cfg["lora.target-modules"] = "all-linear"
     run_in_process(cfg, tamper=tamper)
@@ -245,4 +263,3 @@ def test_end_to_end_rejects_a_corrupt_upload_and_resyncs_a_failed_client(tiny_co
     assert "rejected the update of node" in caplog.text
     assert r2["rejected"] == 0 and r2["failed"] == 0 and r3["failed"] == 0
     assert all(math.isfinite(r["loss"]) for r in results.rounds)
-
