@@ -8,7 +8,7 @@ the strategy registry and the typed run config. Flower itself is only touched by
 
 from fedpeft.aggregation import Aggregator, WeightedMean, broadcast, weighted_mean
 from fedpeft.aggregation.mean import client_weights
-from fedpeft.client import ClientAlgorithm, FullAdapter
+from fedpeft.client import ClientAlgorithm, FullAdapter, LocalRound
 from fedpeft.codecs import Codec, CodecContext, Payload, build_codec, register_codec
 from fedpeft.config import RunConfig, parse_run_config
 from fedpeft.errors import (
@@ -44,6 +44,7 @@ __all__ = [
     "FedStrategy",
     "FullAdapter",
     "IncompatibleUpdateError",
+    "LocalRound",
     "NodeInfo",
     "Payload",
     "RegistryError",

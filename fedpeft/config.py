@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
+from fedpeft.devices import MIXES
 from fedpeft.errors import ConfigError, RegistryError
 from fedpeft.types import Scalar
 
@@ -475,6 +476,26 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class DevicesConfig:
+    """Simulated device heterogeneity (see :mod:`fedpeft.devices`).
+
+    Attributes:
+        profile: a named mix of device profiles (``uniform``, ``mixed-3-tier``,
+            ``long-tail``) assigned by partition id; a node's ``device.*`` node-config
+            keys override its profile. ``""`` (default): no simulation, each client's
+            ``client_seconds`` in the results is its real measured time.
+    """
+
+    profile: str = ""
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        if self.profile and self.profile not in MIXES:
+            return [f"devices.profile must be '' or one of {sorted(MIXES)}, got {self.profile!r}"]
+        return []
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole run configuration.
 
@@ -500,6 +521,7 @@ class RunConfig:
     strategy: StrategySelection = field(default_factory=StrategySelection)
     output: OutputConfig = field(default_factory=OutputConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     options: Any = None
 
     def to_flat(self) -> FlatConfig:
@@ -529,6 +551,7 @@ _SECTIONS = (
     "strategy",
     "output",
     "simulation",
+    "devices",
 )
 
 

@@ -9,10 +9,29 @@ Flower's ``Context.state``). Mirrors the server: ``finish`` returns
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from fedpeft.types import ClientPlan, TensorDict
+
+
+@dataclass(frozen=True)
+class LocalRound:
+    """What an algorithm's own ``local_round`` hook returns (see ``ClientAlgorithm``).
+
+    Attributes:
+        result: the training result (``fedpeft.tasks.train.TrainResult``).
+        tensors: what ``finish`` receives as ``trained``; may differ in shape from the
+            model's adapter (e.g. pruned rows removed) and may carry ``aux.*`` keys.
+        metrics: extra finite numbers added to the reply's training metrics.
+        state: entries merged into the client state that ``finish`` receives.
+    """
+
+    result: Any
+    tensors: TensorDict
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    state: TensorDict = field(default_factory=dict)
 
 
 class ClientAlgorithm(Protocol):
@@ -22,6 +41,11 @@ class ClientAlgorithm(Protocol):
     torch.Tensor | None``. If the algorithm defines it, the trainer adds its value
     to the loss at every local step (``params`` are the live trainable adapter
     tensors keyed like the adapter). HetLoRA's rank self-pruning uses it.
+
+    Optional extra hook: ``local_round(task, model, data, trainable, plan, state) ->
+    LocalRound``. If defined, the client calls it instead of ``task.train`` after
+    loading ``start``'s tensors into ``model`` (the process-wide cached model: copy it
+    before changing its structure). FedSpine trains a structurally pruned copy.
     """
 
     def start(

@@ -105,10 +105,18 @@ def handle_train(msg: Message, context: Context, bound: Mapping[str, Any]) -> Me
     start, trainable = algorithm.start(received, model.initial, state, plan)
     model.load(start)
     train_data, _ = task.client_data(pid, num)
-    penalty_hook = getattr(algorithm, "penalty", None)
-    penalty = (lambda params: penalty_hook(params, plan)) if callable(penalty_hook) else None
-    result = task.train(model, train_data, trainable, plan.seed, penalty)
-    trained = model.tensors()
+    custom = getattr(algorithm, "local_round", None)
+    extra_metrics: dict[str, float] = {}
+    if callable(custom):
+        local = custom(task, model, train_data, trainable, plan, state)
+        result, trained = local.result, local.tensors
+        extra_metrics = {k: float(v) for k, v in local.metrics.items()}
+        state = {**state, **local.state}
+    else:
+        penalty_hook = getattr(algorithm, "penalty", None)
+        penalty = (lambda params: penalty_hook(params, plan)) if callable(penalty_hook) else None
+        result = task.train(model, train_data, trainable, plan.seed, penalty)
+        trained = model.tensors()
     upload, new_state = algorithm.finish(trained, received, state, plan)
     context.state[rec.CLIENT_STATE] = rec.tensors_to_record(new_state)
 
@@ -136,6 +144,7 @@ def handle_train(msg: Message, context: Context, bound: Mapping[str, Any]) -> Me
         "steps": result.steps,
         "train-seconds": result.seconds,
         "client-seconds": time.perf_counter() - started,
+        **extra_metrics,
     }
     content = RecordDict(
         {rec.ARRAYS: arrays, rec.CODEC: meta, rec.METRICS: rec.metrics_record(metrics)}

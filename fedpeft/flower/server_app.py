@@ -38,6 +38,13 @@ from fedpeft.checkpoint import load_latest, save_checkpoint
 from fedpeft.codecs import CodecContext, build_codec
 from fedpeft.codecs.base import Chain, CodecState
 from fedpeft.config import RunConfig, parse_run_config
+from fedpeft.devices import (
+    DeviceProfile,
+    parse_device_profile,
+    profile_for,
+    simulated_round_seconds,
+    tier_of,
+)
 from fedpeft.errors import CodecError, ConfigError, FedPeftError, IncompatibleUpdateError
 from fedpeft.faults import draw_fault
 from fedpeft.flower import records as rec
@@ -184,6 +191,26 @@ class RoundLog:
     strategy_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def device_profiles(mix: str, nodes: Sequence[NodeInfo]) -> dict[int, tuple[str, DeviceProfile]]:
+    """``{node_id: (tier, profile)}`` from the mix ``devices.profile`` (by partition id)
+    and each node's ``device.*`` node-config overrides; ``{}`` when ``mix`` is ``""``.
+
+    Raises:
+        ConfigError: a node's ``device.*`` keys are invalid (the node is named).
+    """
+    if not mix:
+        return {}
+    out = {}
+    for n in nodes:
+        props = dict(n.properties)
+        try:
+            profile = parse_device_profile(props, default=profile_for(mix, n.partition_id))
+        except ConfigError as err:
+            raise ConfigError(f"node {n.node_id} (partition {n.partition_id}): {err}") from err
+        out[n.node_id] = (str(props.get("device.tier", tier_of(mix, n.partition_id))), profile)
+    return out
+
+
 class FlowerStrategyAdapter(Strategy):
     """Runs a ``FedStrategy`` through Flower's strategy interface.
 
@@ -214,6 +241,7 @@ class FlowerStrategyAdapter(Strategy):
         self.uplink = uplink
         self.downlink = downlink
         self.nodes = list(nodes)
+        self.devices = device_profiles(cfg.devices.profile, self.nodes)
         self.layout = layout
         self.observer = observer or Observer()
         self.selector = fed.selector or UniformSelector(
@@ -391,20 +419,16 @@ class FlowerStrategyAdapter(Strategy):
         self.state = output.state
         previous = self.global_tensors
         self.global_tensors = dict(output.tensors)
+        info.clients = [self._client_record(server_round, u) for u in updates]
+        if self.devices:  # the selector sees each device's simulated round time
+            updates = [
+                dataclasses.replace(u, metrics={**u.metrics, "simulated-seconds": c["client_seconds"]})
+                for u, c in zip(updates, info.clients, strict=True)
+            ]
         self.selector_state = self.selector.feedback(self.selector_state, updates, output)
         del previous
         info.metrics.update({**_weighted_metrics(updates), **telemetry, **dict(output.metrics)})
         info.strategy_metrics = {k: float(v) for k, v in output.metrics.items() if "layer/" not in k}
-        info.clients = [
-            {
-                "node_id": u.node_id,
-                "partition_id": u.plan.partition_id,
-                "rank": u.plan.rank,
-                "num_examples": u.num_examples,
-                **{k: float(v) for k, v in u.metrics.items()},
-            }
-            for u in updates
-        ]
         return rec.tensors_to_record(self.global_tensors), rec.metrics_record(
             {k: v for k, v in info.metrics.items() if "/" not in k}
         )
@@ -567,11 +591,40 @@ class FlowerStrategyAdapter(Strategy):
                 clean[k] = float(v)
         return ClientUpdate(node_id=node_id, tensors=tensors, num_examples=num_examples, metrics=clean, plan=plan)
 
+    def _client_record(self, server_round: int, u: ClientUpdate) -> dict[str, Any]:
+        """One client's line in ``summary.json``: plan, bytes, metrics and
+        ``client_seconds`` — simulated on its device profile when ``devices.profile``
+        is set (:func:`fedpeft.devices.simulated_round_seconds`), else measured."""
+        up = self.ledger.per_client(server_round, "uplink").get(u.node_id, 0)
+        down = self.ledger.per_client(server_round, "downlink").get(u.node_id, 0)
+        measured = float(u.metrics.get("client-seconds", 0.0))
+        out: dict[str, Any] = {
+            "node_id": u.node_id,
+            "partition_id": u.plan.partition_id,
+            "rank": u.plan.rank,
+            "num_examples": u.num_examples,
+            "uplink_bytes": up,
+            "downlink_bytes": down,
+        }
+        if "prune-ratio" in u.plan.options:
+            out["prune_ratio"] = float(u.plan.options["prune-ratio"])
+        out.update({k: float(v) for k, v in u.metrics.items()})
+        out["client_seconds"] = measured
+        if u.node_id in self.devices:
+            tier, profile = self.devices[u.node_id]
+            out["device"] = tier
+            out["measured_seconds"] = measured
+            out["client_seconds"] = simulated_round_seconds(measured, profile, up, down)
+        return out
+
     def _validate(self, tensors: Mapping[str, torch.Tensor], plan: ClientPlan) -> None:
         """Keys, shapes for the plan's rank, dtype and finiteness of an upload."""
         if not tensors:
             raise IncompatibleUpdateError("the update is empty")
         problems = []
+        # a strategy whose clients upload other shapes (FedSpine: pruned rows/columns)
+        # says which: ``upload_shape(key, shape for the plan's rank, tensors, plan)``
+        upload_shape = getattr(self.fed.aggregator, "upload_shape", None)
         for key, value in tensors.items():
             if key.startswith(AUX_PREFIX):
                 if not value.is_floating_point():
@@ -581,6 +634,8 @@ class FlowerStrategyAdapter(Strategy):
                 continue
             else:
                 want = shape_for_rank(key, tuple(self.global_tensors[key].shape), plan.rank)
+                if callable(upload_shape):
+                    want = tuple(upload_shape(key, want, tensors, plan))
                 if tuple(value.shape) != want:
                     problems.append(
                         f"{key!r} has shape {tuple(value.shape)}, expected {want} for rank {plan.rank}"
@@ -629,6 +684,13 @@ class FlowerStrategyAdapter(Strategy):
             return {}
         if not global_factors or not all(factors):
             return {}
+        if any(
+            (f.d_out, f.d_in) != (global_factors[m].d_out, global_factors[m].d_in)
+            for client in factors
+            for m, f in client.items()
+            if m in global_factors
+        ):
+            return {}  # pruned uploads (FedSpine): no dense ideal mean to compare with
         shift = {}
         for key, value in new_global.items():
             if is_base_delta_key(key):
@@ -844,6 +906,9 @@ def run_server(
             record["aggregation_error"] = info.metrics.get("aggregation_error")
             record["aggregation_cosine"] = info.metrics.get("aggregation_cosine")
             record["clients"] = info.clients
+            if cfg.devices.profile and info.clients:
+                # a synchronous round lasts as long as its slowest device
+                record["simulated_seconds"] = max(c["client_seconds"] for c in info.clients)
             record["strategy_metrics"] = dict(info.strategy_metrics)
             record.update({k: v for k, v in info.metrics.items() if k.startswith("client_")})
         results.add_round(record)

@@ -340,6 +340,14 @@ def _b_values(
     return b
 
 
+def _seconds(update: ClientUpdate) -> float:
+    """The round time the reward uses: ``simulated-seconds`` (the device profile's
+    time, added by the server under ``devices.profile``) when present, else the
+    measured ``client-seconds`` (a real deployment)."""
+    metrics = update.metrics
+    return float(metrics.get("simulated-seconds", metrics["client-seconds"]))
+
+
 def _clip01(value: float) -> float:
     return min(1.0, max(0.0, value))
 
@@ -561,7 +569,7 @@ class FedSpineSelector:
         if not updates:
             return state
         max_norm = max(float(u.metrics["update-norm"]) for u in updates)
-        max_time = max(float(u.metrics["client-seconds"]) for u in updates)
+        max_time = max(_seconds(u) for u in updates)
         new = copy.deepcopy(state)
         for u in updates:
             pid = str(u.plan.partition_id)
@@ -576,7 +584,7 @@ class FedSpineSelector:
                 s_prev,
                 float(u.metrics["update-norm"]),
                 max_norm,
-                float(u.metrics["client-seconds"]),
+                _seconds(u),
                 max_time,
             )
             reward = sum(w * t for w, t in zip(self.reward_weights, terms, strict=True))

@@ -24,7 +24,7 @@ from fedpeft.seeding import derive_seed
 from fedpeft.tasks.data import Examples, holdout_split, partition_indices
 from fedpeft.tasks.model import AdapterModel, cached, seeded
 from fedpeft.tasks.packages import cache_root
-from fedpeft.tasks.train import PenaltyFn, TrainResult, evaluate, local_train
+from fedpeft.tasks.train import PenaltyFn, StepFn, TrainResult, evaluate, local_train
 
 
 def quiet_transformers() -> None:
@@ -268,9 +268,10 @@ class Task:
         trainable: frozenset[str],
         seed: int,
         penalty: PenaltyFn | None = None,
+        on_step: StepFn | None = None,
     ) -> TrainResult:
         """One round of local training (see :func:`fedpeft.tasks.train.local_train`)."""
-        return local_train(model, data, self.cfg.train, trainable, self.loss, seed, penalty)
+        return local_train(model, data, self.cfg.train, trainable, self.loss, seed, penalty, on_step)
 
     def evaluate(self, model: AdapterModel, data: Examples) -> dict[str, float]:
         """Loss and accuracy (classification) or perplexity (causal LM)."""

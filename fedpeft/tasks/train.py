@@ -24,6 +24,11 @@ LossFn = Callable[[AdapterModel, Mapping[str, torch.Tensor]], tuple[torch.Tensor
 """``loss_fn(model, batch) -> (mean loss, logits)``."""
 
 PenaltyFn = Callable[[Mapping[str, torch.Tensor]], "torch.Tensor | None"]
+StepFn = Callable[[int, torch.optim.Optimizer], None]
+"""Called as ``on_step(step, optimizer)`` after each optimizer step (1-based), before
+the gradients are cleared: the LoRA gradients of that step are still readable, and
+the callback may shrink parameters in place (FedSpine's pruning) and their
+optimizer state."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,25 @@ def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[np.nd
     return out
 
 
+def _backward(
+    model: AdapterModel,
+    batch: Mapping[str, torch.Tensor],
+    loss_fn: LossFn,
+    penalty: PenaltyFn | None,
+    live: Mapping[str, torch.Tensor],
+) -> float:
+    """Forward and backward of one batch; return the task loss. The autograd graph
+    dies with this frame, so nothing keeps stale shape metadata of the parameters."""
+    loss, _ = loss_fn(model, batch)
+    value = float(loss.detach())
+    if penalty is not None:
+        extra = penalty(live)
+        if extra is not None:
+            loss = loss + extra
+    loss.backward()
+    return value
+
+
 def local_train(
     model: AdapterModel,
     data: Examples,
@@ -66,6 +90,7 @@ def local_train(
     loss_fn: LossFn,
     seed: int,
     penalty: PenaltyFn | None = None,
+    on_step: StepFn | None = None,
 ) -> TrainResult:
     """Train the loaded adapter's ``trainable`` tensors for one round.
 
@@ -93,16 +118,12 @@ def local_train(
     total = 0.0
     model.model.train()
     with seeded(seed):
-        for idx in batch_schedule(n, cfg.batch_size, steps, seed):
+        for step, idx in enumerate(batch_schedule(n, cfg.batch_size, steps, seed), start=1):
             batch = collate(data, idx.tolist(), model.pad_id)
-            loss, _ = loss_fn(model, batch)
-            total += float(loss.detach())
-            if penalty is not None:
-                extra = penalty(live)
-                if extra is not None:
-                    loss = loss + extra
-            loss.backward()
+            total += _backward(model, batch, loss_fn, penalty, live)
             opt.step()
+            if on_step is not None:  # the step's graph is gone: parameters may change shape
+                on_step(step, opt)
             opt.zero_grad(set_to_none=True)
     model.model.eval()
     return TrainResult(
