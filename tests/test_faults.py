@@ -65,6 +65,14 @@ RESUME_CASES = {
     "lora-fair": {"strategy.name": "lora-fair"},
     "fedit + topk error feedback": {"codec.uplink": "topk:0.1+int8+zstd"},
     "ferret (server history + client replicas)": {"strategy.name": "ferret", "ferret.num-seeds": 8},
+    # FedSpine's reward includes measured time; weight 0 on it makes the arms reproducible
+    "fedspine (bandits, device masks)": {
+        "strategy.name": "fedspine",
+        "fedspine.reward-weights": "0.34,0.33,0.33,0",
+        "fedspine.prune-interval": 1,
+        "fedspine.p-max": 0.5,
+        "devices.profile": "mixed-3-tier",
+    },
 }
 
 

@@ -65,6 +65,27 @@ def test_ferret_runs_on_the_ray_engine_with_bytes_from_the_formulas(tmp_path, mo
     per_client = rounds[2]["downlink_payload_bytes"] / 2
     assert (per_client - 48) % (4 * 16) == 0 and per_client > 48
 
+
+@pytest.mark.integration
+def test_fedspine_runs_on_the_ray_engine_with_per_client_decisions(tmp_path):
+    out = tmp_path / "run"
+    sets = [*TINY_SET, "devices.profile=mixed-3-tier", "fedspine.prune-interval=2",
+            "lora.target-modules=query,value,intermediate.dense,output.dense"]
+    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--strategy", "fedspine", "--rounds", "2",
+           "--clients", "3", "--out", str(out), "--quiet"] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = json.loads((out / "summary.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds[1:]:
+        assert r["failed"] == 0 and r["rejected"] == 0 and len(r["clients"]) == 3
+        assert {c["device"] for c in r["clients"]} == {"fast", "medium", "slow"}
+        for c in r["clients"]:
+            assert {"rank", "prune_ratio", "client_seconds", "sparsity"} <= set(c)
+            assert c["client_seconds"] > c["measured_seconds"] or c["device"] == "fast"
+    assert any(c["sparsity"] > 0 for c in rounds[2]["clients"])
+
+
 def test_malformed_config_exits_nonzero_naming_the_key(tmp_path):
     cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--rounds", "0", "--clients", "2",
            "--set", "federation.clients-per-round=5", "--set", "lora.rr=3"]
