@@ -59,6 +59,7 @@ from fedpeft import (
     ClientUpdate,
     ConfigError,
     FedStrategy,
+    FullAdapter,
     IncompatibleUpdateError,
     LocalRound,
     RoundOutput,
@@ -164,7 +165,9 @@ class FedSpineConfig:
         """Invalid values, one line each (ranks above ``lora.r`` are refused by ``build``)."""
         out = []
         if any(r < 1 for r in self.rank_choices()):
-            out.append(f"fedspine.ranks / fedspine.fixed-rank must be >= 1, got {self.rank_choices()}")
+            out.append(
+                f"fedspine.ranks / fedspine.fixed-rank must be >= 1, got {self.rank_choices()}"
+            )
         if self.fixed_prune_ratio >= 1.0:
             out.append(
                 f"fedspine.fixed-prune-ratio must be < 1 (or < 0: bandit), got {self.fixed_prune_ratio}"
@@ -461,9 +464,7 @@ class FedSpineClient:
         self, received: TensorDict, init: TensorDict, state: TensorDict, plan: ClientPlan
     ) -> tuple[TensorDict, frozenset[str]]:
         """The received factors (full coordinates) over ``init``; train everything."""
-        start = dict(init)
-        start.update({k: v for k, v in received.items() if k in init})
-        return start, frozenset(init)
+        return FullAdapter().start(received, init, state, plan)
 
     def local_round(
         self,

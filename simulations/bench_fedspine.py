@@ -1,0 +1,364 @@
+"""FedSpine vs fixed allocations on the embedded task under heterogeneous device profiles.
+
+Run:  python simulations/bench_fedspine.py --out reports/fedspine      (~30 min on 2 cores)
+      python simulations/bench_fedspine.py --rounds 2 --steps 4 --clients 3 --model tiny-bert   (smoke)
+
+Every run goes through the real ClientApp/ServerApp on the in-process grid: MiniLM
+sequence classifier, tweets IID over ``--clients`` clients, all of them every round,
+``--steps`` AdamW steps of batch 16, LoRA (``lora.r = 8``) on query/value and both FFN
+projections (so FFN channels get importance scores) plus the head:
+
+* ``uniform``: every device at the max rank 8, no pruning (``fedspine.fixed-rank=8``,
+  ``fixed-prune-ratio=0``: the same aggregation, no bandit);
+* ``fixed-rR-pP``: every device at rank R pruning P of its remaining heads/channels
+  per round up to ``target-sparsity`` (the candidates for the best single allocation);
+* ``fedspine``: the per-device S-UCB bandit, one run per device profile mix (its
+  choices depend on the simulated times it is rewarded with).
+
+Fixed allocations train identically whatever the profile (same clients, seeds and
+arms), so they run once without a profile and their simulated times are computed for
+each mix afterwards with the same formula the server uses
+(:func:`fedpeft.devices.simulated_round_seconds`: measured seconds / compute speed +
+bytes / bandwidth, a round lasting as long as its slowest device). Reported per mix:
+simulated time to the target accuracy (default: the uniform allocation's final accuracy
+minus 1 point), final accuracy of the global adapter, accuracy and CPU inference latency
+of each device's *pruned* model (the global adapter on the base pruned to the device's
+final masks, on the task's test set, batch 32), bytes, and FedSpine's per-device choices.
+Writes ``OUT/fedspine.md``, ``OUT/fedspine.json`` and ``OUT/fedspine.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedpeft.checkpoint import load_latest  # noqa: E402
+from fedpeft.config import parse_run_config  # noqa: E402
+from fedpeft.devices import MIXES, profile_for, simulated_round_seconds, tier_of  # noqa: E402
+from fedpeft.flower.inprocess import run_in_process  # noqa: E402
+from fedpeft.pruning.bert import prune_bert_, structure_counts  # noqa: E402
+from fedpeft.tasks import get_task  # noqa: E402
+from fedpeft.tasks.data import collate  # noqa: E402
+
+TARGETS = "query,value,intermediate.dense,output.dense"
+MIX_NAMES = ("mixed-3-tier", "long-tail")
+FIXED = {  # name: (rank, prune ratio per round)
+    "uniform": (8, 0.0),
+    "fixed-r8-p0.3": (8, 0.3),
+    "fixed-r4-p0.3": (4, 0.3),
+    "fixed-r2-p0.3": (2, 0.3),
+}
+
+
+def base_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {
+        "seed": args.seed,
+        "strategy.name": "fedspine",
+        "federation.rounds": args.rounds,
+        "federation.clients": args.clients,
+        "train.local-steps": args.steps,
+        "lora.r": 8,
+        "lora.target-modules": TARGETS,
+        "fedspine.ranks": "2,4,8",
+        "fedspine.prune-interval": args.interval,
+        "fedspine.target-sparsity": args.target_sparsity,
+        "checkpoint.every": args.rounds,
+        "output.dir": str(args.out / name),
+        "output.save-adapter": False,
+    }
+    if args.model:
+        flat["model.name"] = args.model
+    return flat
+
+
+def run(name: str, flat: dict[str, Any]) -> dict[str, Any]:
+    """One federated run: accuracy and per-client records per round, final masks."""
+    start = time.perf_counter()
+    results = run_in_process(flat)
+    wall = time.perf_counter() - start
+    ckpt = load_latest(Path(flat["output.dir"]) / "checkpoint")
+    masks = ckpt.states["aggregator"]["masks"] if ckpt else {}
+    log = ckpt.states["selector"]["log"] if ckpt else []
+    return {
+        "name": name,
+        "config": {k: v for k, v in flat.items() if k != "output.dir"},
+        "accuracy": [r["accuracy"] for r in results.rounds],
+        "rounds": [
+            {
+                "round": r["round"],
+                "accuracy": r["accuracy"],
+                "uplink_bytes": r["uplink_bytes"],
+                "downlink_bytes": r["downlink_bytes"],
+                "clients": r["clients"],
+            }
+            for r in results.rounds[1:]
+        ],
+        "wall_s": wall,
+        "masks": {
+            pid: [m.tolist() if m is not None else None for m in pair]
+            for pid, pair in masks.items()
+        },
+        "decisions": log,
+        "global": ckpt.global_tensors if ckpt else None,
+    }
+
+
+def simulated_timeline(run_: dict[str, Any], mix: str) -> list[float]:
+    """Cumulative simulated seconds after each round under ``mix``."""
+    total, out = 0.0, []
+    for r in run_["rounds"]:
+        times = [
+            simulated_round_seconds(
+                c.get("measured_seconds", c["client_seconds"]),
+                profile_for(mix, c["partition_id"]),
+                c["uplink_bytes"],
+                c["downlink_bytes"],
+            )
+            for c in r["clients"]
+        ]
+        total += max(times) if times else 0.0
+        out.append(total)
+    return out
+
+
+def time_to(run_: dict[str, Any], timeline: list[float], target: float) -> float | None:
+    for acc, t in zip(run_["accuracy"][1:], timeline, strict=True):
+        if acc is not None and acc >= target:
+            return t
+    return None
+
+
+def pruned_models(run_: dict[str, Any], flat: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
+    """Accuracy and inference latency of each device's pruned model vs the unpruned one."""
+    cfg = parse_run_config(flat)
+    task = get_task(cfg)
+    model = task.model(8)
+    model.load(run_["global"])
+    test = task.test_data()
+    batches = [
+        collate(test, list(range(i, min(i + 32, len(test)))), model.pad_id)
+        for i in range(0, len(test), 32)
+    ]
+
+    def latency(m: Any) -> float:
+        import torch
+
+        m.model.eval()
+        best = []
+        with torch.inference_mode():
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for b in batches:
+                    task.loss(m, b)
+                best.append(time.perf_counter() - t0)
+        return min(best)
+
+    dense_s = latency(model)
+    dense_acc = task.evaluate(model, test).get("accuracy")
+    out: dict[str, Any] = {"dense_seconds": dense_s, "dense_accuracy": dense_acc, "devices": {}}
+    import torch
+
+    heads_n, _ = structure_counts(model.model)
+    for pid, (heads, channels) in sorted(run_["masks"].items(), key=lambda kv: int(kv[0])):
+        work = copy.deepcopy(model)
+        h = torch.tensor(heads, dtype=torch.bool) if heads is not None else None
+        c = torch.tensor(channels, dtype=torch.bool) if channels is not None else None
+        prune_bert_(
+            work.model,
+            {i: h[i] for i in range(len(heads_n))} if h is not None else None,
+            {i: c[i] for i in range(len(heads_n))} if c is not None else None,
+        )
+        seconds = latency(work)
+        out["devices"][pid] = {
+            "accuracy": task.evaluate(work, test).get("accuracy"),
+            "seconds": seconds,
+            "speedup": dense_s / seconds,
+            "heads_kept": float(h.double().mean()) if h is not None else 1.0,
+            "channels_kept": float(c.double().mean()) if c is not None else 1.0,
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("reports/fedspine"))
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--interval", type=int, default=6, help="fedspine.prune-interval")
+    parser.add_argument("--target-sparsity", type=float, default=0.5)
+    parser.add_argument(
+        "--target", type=float, default=None, help="target accuracy (default: uniform final - 0.01)"
+    )
+    parser.add_argument("--model", default="", help="model.name (default: the embedded MiniLM)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    # build the models and every partition once, so no run pays the loading in its times
+    warm = parse_run_config(base_config(args, "warm-up"))
+    task = get_task(warm)
+    for rank in (2, 4, 8):
+        task.model(rank)
+    for pid in range(args.clients):
+        task.client_data(pid, args.clients)
+    task.test_data()
+
+    runs: dict[str, dict[str, Any]] = {}
+    for name, (rank, ratio) in FIXED.items():
+        print(f"== {name}", flush=True)
+        flat = {
+            **base_config(args, name),
+            "fedspine.fixed-rank": rank,
+            "fedspine.fixed-prune-ratio": ratio,
+        }
+        runs[name] = run(name, flat)
+        print(f"   accuracy {runs[name]['accuracy']}, {runs[name]['wall_s']:.0f} s", flush=True)
+    for mix in MIX_NAMES:
+        name = f"fedspine@{mix}"
+        print(f"== {name}", flush=True)
+        runs[name] = run(name, {**base_config(args, name), "devices.profile": mix})
+        print(f"   accuracy {runs[name]['accuracy']}, {runs[name]['wall_s']:.0f} s", flush=True)
+
+    target = args.target if args.target is not None else runs["uniform"]["accuracy"][-1] - 0.01
+    print("== pruned models (accuracy, latency)", flush=True)
+    pruned = {
+        name: pruned_models(r, base_config(args, name)) for name, r in runs.items() if r["masks"]
+    }
+
+    lines = [
+        f"# FedSpine benchmark ({time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+        f"Python {platform.python_version()}, CPU only)",
+        "",
+        f"{args.clients} clients (IID tweets), all every round, {args.rounds} rounds, {args.steps} AdamW "
+        f"steps of batch 16, LoRA r ≤ 8 on {TARGETS} + head, pruning every {args.interval} steps up to "
+        f"sparsity {args.target_sparsity}. Target accuracy {target:.3f}"
+        + (" (uniform final − 1 pt)." if args.target is None else "."),
+        "",
+    ]
+    summary: dict[str, Any] = {"target": target, "mixes": {}}
+    for mix in MIX_NAMES:
+        tiers = [tier_of(mix, i) for i in range(args.clients)]
+        rows = []
+        for name, r in runs.items():
+            if name.startswith("fedspine@") and name != f"fedspine@{mix}":
+                continue
+            timeline = simulated_timeline(r, mix)
+            reach = time_to(r, timeline, target)
+            up = sum(x["uplink_bytes"] for x in r["rounds"])
+            down = sum(x["downlink_bytes"] for x in r["rounds"])
+            dev = pruned.get(name, {}).get("devices", {})
+            rows.append(
+                {
+                    "name": name,
+                    "time_to_target": reach,
+                    "total_time": timeline[-1],
+                    "final": r["accuracy"][-1],
+                    "best": max(a for a in r["accuracy"] if a is not None),
+                    "pruned_acc": statistics.mean(d["accuracy"] for d in dev.values())
+                    if dev
+                    else r["accuracy"][-1],
+                    "speedup": statistics.mean(d["speedup"] for d in dev.values()) if dev else 1.0,
+                    "up": up,
+                    "down": down,
+                }
+            )
+        uniform = next(x for x in rows if x["name"] == "uniform")
+        fixed = [
+            x
+            for x in rows
+            if not x["name"].startswith("fedspine") and x["time_to_target"] is not None
+        ]
+        best_fixed = min(fixed, key=lambda x: x["time_to_target"]) if fixed else None
+        spine = next(x for x in rows if x["name"].startswith("fedspine"))
+        lines += [
+            f"## {mix} ({', '.join(f'{t}×{tiers.count(t)}' for t in dict.fromkeys(tiers))})",
+            "",
+            "| allocation | simulated s to target | simulated s total | final acc (global) | best acc "
+            "| mean acc of pruned device models | pruned inference speed-up | uplink MB | downlink MB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for x in rows:
+            reach = (
+                f"{x['time_to_target']:.0f}" if x["time_to_target"] is not None else "not reached"
+            )
+            lines.append(
+                f"| {x['name']} | {reach} | {x['total_time']:.0f} | {x['final']:.3f} | {x['best']:.3f} "
+                f"| {x['pruned_acc']:.3f} | {x['speedup']:.2f}× | {x['up'] / 1e6:.2f} | {x['down'] / 1e6:.2f} |"
+            )
+        verdict = []
+        for label, ref in (("uniform", uniform), ("best fixed", best_fixed)):
+            if ref is None or ref["time_to_target"] is None:
+                verdict.append(f"{label}: did not reach the target")
+            elif spine["time_to_target"] is None:
+                verdict.append(f"vs {label} ({ref['name']}): FedSpine did not reach the target")
+            else:
+                speed = ref["time_to_target"] / spine["time_to_target"]
+                gap = 100 * (ref["final"] - spine["final"])
+                met = speed >= 1.4 and gap <= 1.0
+                verdict.append(
+                    f"vs {label} ({ref['name']}): {speed:.2f}× faster to the target, final accuracy "
+                    f"{gap:+.1f} pt behind (goal ≥ 1.4× at ≤ 1 pt: {'met' if met else 'NOT met'})"
+                )
+        lines += ["", *[f"- {v}" for v in verdict], ""]
+        decisions = runs[f"fedspine@{mix}"]["decisions"]
+        per_device: dict[int, list[dict[str, Any]]] = {}
+        for d in decisions:
+            per_device.setdefault(int(d["partition_id"]), []).append(d)
+        lines.append(
+            "FedSpine's choices per device (rank, prune ratio by round; final sparsity): "
+            + "; ".join(
+                f"{pid} {tiers[pid]}: "
+                + ", ".join(f"r{d['rank']}/p{d['prune_ratio']:.2f}" for d in ds)
+                + f"; s={ds[-1].get('sparsity', 0.0):.2f}"
+                for pid, ds in sorted(per_device.items())
+            )
+        )
+        lines.append("")
+        summary["mixes"][mix] = rows
+    text = "\n".join(lines)
+    print(text)
+    (args.out / "fedspine.md").write_text(text + "\n")
+    (args.out / "fedspine.json").write_text(
+        json.dumps(
+            {
+                "summary": summary,
+                "pruned": pruned,
+                "runs": {k: {**v, "global": None} for k, v in runs.items()},
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    plot(runs, args.out / "fedspine.png")
+    print(f"wrote {args.out / 'fedspine.md'}, fedspine.json, fedspine.png")
+
+
+def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(MIX_NAMES), figsize=(11, 4))
+    for ax, mix in zip(axes, MIX_NAMES, strict=True):
+        for name, r in runs.items():
+            if name.startswith("fedspine@") and name != f"fedspine@{mix}":
+                continue
+            ax.plot([0.0, *simulated_timeline(r, mix)], r["accuracy"], marker="o", label=name)
+        ax.set(xlabel="simulated seconds", ylabel="test accuracy", title=mix)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    assert set(MIX_NAMES) <= set(MIXES)
+    main()
