@@ -9,6 +9,7 @@ scheme)``, so every process computes the same partitions.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,6 +58,10 @@ def holdout_split(n: int, test_size: int, seed: int) -> tuple[np.ndarray, np.nda
     return np.sort(perm[test_size:]), np.sort(perm[:test_size])
 
 
+_PARTITIONERS: dict[tuple[object, ...], object] = {}
+_PARTITIONER_SLOTS = 4
+
+
 def partition_indices(
     pool: Examples, partition_id: int, num_partitions: int, cfg: DataConfig, seed: int
 ) -> list[int]:
@@ -67,7 +72,46 @@ def partition_indices(
     over a group column in which the ``G`` natural groups are spread over the
     clients: client ``i`` gets group ``i mod G``, and clients that share a group split
     it evenly (so any number of clients ≥ 1 works).
+
+    The fitted partitioner is kept per process (a few slots, keyed by the pool's
+    labels and groups and the scheme), so the first call pays for the whole split —
+    an index assignment, no example data — and later calls for other partition ids
+    only look theirs up. Only the partitions asked for are ever materialised.
+
+    Raises:
+        ConfigError: ``partition_id`` out of range, or a Dirichlet split that cannot
+            give every one of ``num_partitions`` clients its minimum size.
     """
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(
+            f"partition-id must be in [0, {num_partitions}), got {partition_id}"
+        )
+    partitioner = _fitted_partitioner(pool, num_partitions, cfg, seed)
+    if cfg.partition == "topic":
+        # NaturalIdPartitioner numbers its partitions itself; map back to client ids.
+        mapping = partitioner.partition_id_to_natural_id  # type: ignore[attr-defined]
+        inverse = {int(v): k for k, v in mapping.items()}
+        if partition_id not in inverse:
+            return []
+        part = partitioner.load_partition(inverse[partition_id])  # type: ignore[attr-defined]
+    else:
+        try:
+            part = partitioner.load_partition(partition_id)  # type: ignore[attr-defined]
+        except ValueError as err:
+            if cfg.partition != "dirichlet":
+                raise
+            raise ConfigError(
+                f"data.partition=dirichlet with data.alpha={cfg.alpha} cannot give each of "
+                f"{num_partitions} clients at least "
+                f"{getattr(partitioner, '_min_partition_size', '?')} of the {len(pool)} examples "
+                f"({err}); raise data.alpha, use fewer clients, or use data.partition=iid"
+            ) from err
+    return sorted(int(i) for i in part["idx"])
+
+
+def _fitted_partitioner(
+    pool: Examples, num_partitions: int, cfg: DataConfig, seed: int
+) -> object:
     import datasets
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
@@ -75,13 +119,22 @@ def partition_indices(
         NaturalIdPartitioner,
     )
 
+    labels = np.asarray(pool.label_ids, dtype=np.int64)
+    groups = np.asarray(pool.groups, dtype=np.int64) if cfg.partition == "topic" else labels[:0]
+    key = (
+        len(pool),
+        hashlib.sha256(labels.tobytes() + b"|" + groups.tobytes()).hexdigest(),
+        num_partitions,
+        cfg.partition,
+        cfg.alpha if cfg.partition == "dirichlet" else None,
+        seed,
+    )
+    if key in _PARTITIONERS:
+        return _PARTITIONERS[key]
     datasets.disable_progress_bars()
-    if not 0 <= partition_id < num_partitions:
-        raise ConfigError(
-            f"partition-id must be in [0, {num_partitions}), got {partition_id}"
-        )
     n = len(pool)
     columns: dict[str, list[int]] = {"idx": list(range(n)), "label": pool.label_ids}
+    partitioner: object
     if cfg.partition == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
     elif cfg.partition == "dirichlet":
@@ -97,18 +150,13 @@ def partition_indices(
     else:
         columns["client"] = _topic_owner(pool.groups, num_partitions, seed)
         partitioner = NaturalIdPartitioner(partition_by="client")
-    partitioner.dataset = datasets.Dataset.from_dict(columns)
+    partitioner.dataset = datasets.Dataset.from_dict(columns)  # type: ignore[attr-defined]
     if cfg.partition == "topic":
-        # NaturalIdPartitioner numbers its partitions itself; map back to client ids.
-        _ = partitioner.num_partitions  # builds the mapping (lazily created)
-        mapping = partitioner.partition_id_to_natural_id
-        inverse = {int(v): k for k, v in mapping.items()}
-        if partition_id not in inverse:
-            return []
-        part = partitioner.load_partition(inverse[partition_id])
-    else:
-        part = partitioner.load_partition(partition_id)
-    return sorted(int(i) for i in part["idx"])
+        _ = partitioner.num_partitions  # type: ignore[attr-defined]  # builds the mapping
+    while len(_PARTITIONERS) >= _PARTITIONER_SLOTS:
+        _PARTITIONERS.pop(next(iter(_PARTITIONERS)))
+    _PARTITIONERS[key] = partitioner
+    return partitioner
 
 
 def _topic_owner(groups: Sequence[int], num_partitions: int, seed: int) -> list[int]:
