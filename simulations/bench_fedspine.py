@@ -1,6 +1,6 @@
 """FedSpine vs fixed allocations on the embedded task under heterogeneous device profiles.
 
-Run:  python simulations/bench_fedspine.py --out reports/fedspine      (~30 min on 2 cores)
+Run:  python simulations/bench_fedspine.py --out reports/fedspine      (~50 min on 2 cores)
       python simulations/bench_fedspine.py --rounds 2 --steps 4 --clients 3 --model tiny-bert   (smoke)
 
 Every run goes through the real ClientApp/ServerApp on the in-process grid: MiniLM
@@ -24,7 +24,9 @@ simulated time to the target accuracy (default: the uniform allocation's final a
 minus 1 point), final accuracy of the global adapter, accuracy and CPU inference latency
 of each device's *pruned* model (the global adapter on the base pruned to the device's
 final masks, on the task's test set, batch 32), bytes, and FedSpine's per-device choices.
-Writes ``OUT/fedspine.md``, ``OUT/fedspine.json`` and ``OUT/fedspine.png``.
+Writes ``OUT/fedspine.md``, ``OUT/fedspine.json`` and ``OUT/fedspine.png``;
+``--report-only --target 0.48 --target 0.585`` re-renders them from the JSON at other
+target accuracies without training again.
 """
 
 from __future__ import annotations
@@ -199,13 +201,54 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=6, help="fedspine.prune-interval")
     parser.add_argument("--target-sparsity", type=float, default=0.5)
     parser.add_argument(
-        "--target", type=float, default=None, help="target accuracy (default: uniform final - 0.01)"
+        "--target",
+        type=float,
+        action="append",
+        help="target accuracy, repeatable (default: the uniform allocation's final − 0.01)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-render OUT/fedspine.md from OUT/fedspine.json (e.g. with other --target values)",
     )
     parser.add_argument("--model", default="", help="model.name (default: the embedded MiniLM)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
+    setting: dict[str, Any] = {
+        k: getattr(args, k)
+        for k in ("clients", "rounds", "steps", "interval", "target_sparsity", "seed")
+    }
+    setting["date"] = time.strftime("%Y-%m-%d")
+    if args.report_only:
+        saved = json.loads((args.out / "fedspine.json").read_text())
+        runs, pruned = saved["runs"], saved["pruned"]
+        setting = saved.get("setting", setting)  # the run's own setting, where recorded
+    else:
+        runs, pruned = run_all(args)
+    targets = args.target or [runs["uniform"]["accuracy"][-1] - 0.01]
+    text, summary = report(runs, pruned, setting, targets, default_target=not args.target)
+    print(text)
+    (args.out / "fedspine.md").write_text(text + "\n")
+    (args.out / "fedspine.json").write_text(
+        json.dumps(
+            {
+                "setting": setting,
+                "summary": summary,
+                "pruned": pruned,
+                "runs": {k: {**v, "global": None} for k, v in runs.items()},
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    plot(runs, args.out / "fedspine.png")
+    print(f"wrote {args.out / 'fedspine.md'}, fedspine.json, fedspine.png")
+
+
+def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every allocation's run, then each pruned device model's accuracy and latency."""
     # build the models and every partition once, so no run pays the loading in its times
     warm = parse_run_config(base_config(args, "warm-up"))
     task = get_task(warm)
@@ -230,39 +273,47 @@ def main() -> None:
         print(f"== {name}", flush=True)
         runs[name] = run(name, {**base_config(args, name), "devices.profile": mix})
         print(f"   accuracy {runs[name]['accuracy']}, {runs[name]['wall_s']:.0f} s", flush=True)
-
-    target = args.target if args.target is not None else runs["uniform"]["accuracy"][-1] - 0.01
     print("== pruned models (accuracy, latency)", flush=True)
     pruned = {
         name: pruned_models(r, base_config(args, name)) for name, r in runs.items() if r["masks"]
     }
+    return runs, pruned
 
+
+def report(
+    runs: dict[str, dict[str, Any]],
+    pruned: dict[str, Any],
+    setting: dict[str, Any],
+    targets: list[float],
+    default_target: bool,
+) -> tuple[str, dict[str, Any]]:
+    """The Markdown report: per device mix, one table row per allocation with its
+    simulated time to each target, and the goal verdicts vs uniform and the best fixed."""
+    names = ", ".join(f"{t:.3f}" for t in targets)
     lines = [
-        f"# FedSpine benchmark ({time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+        f"# FedSpine benchmark ({setting['date']}, {platform.machine()}, "
         f"Python {platform.python_version()}, CPU only)",
         "",
-        f"{args.clients} clients (IID tweets), all every round, {args.rounds} rounds, {args.steps} AdamW "
-        f"steps of batch 16, LoRA r ≤ 8 on {TARGETS} + head, pruning every {args.interval} steps up to "
-        f"sparsity {args.target_sparsity}. Target accuracy {target:.3f}"
-        + (" (uniform final − 1 pt)." if args.target is None else "."),
+        f"{setting['clients']} clients (IID tweets), all every round, {setting['rounds']} rounds, "
+        f"{setting['steps']} AdamW steps of batch 16, LoRA r ≤ 8 on {TARGETS} + head, pruning every "
+        f"{setting['interval']} steps up to sparsity {setting['target_sparsity']}. Target accuracy "
+        f"{names}" + (" (uniform final − 1 pt)." if default_target else "."),
         "",
     ]
-    summary: dict[str, Any] = {"target": target, "mixes": {}}
+    summary: dict[str, Any] = {"targets": targets, "mixes": {}}
     for mix in MIX_NAMES:
-        tiers = [tier_of(mix, i) for i in range(args.clients)]
+        clients = int(setting["clients"])
+        tiers = [tier_of(mix, i) for i in range(clients)]
         rows = []
         for name, r in runs.items():
             if name.startswith("fedspine@") and name != f"fedspine@{mix}":
                 continue
             timeline = simulated_timeline(r, mix)
-            reach = time_to(r, timeline, target)
-            up = sum(x["uplink_bytes"] for x in r["rounds"])
-            down = sum(x["downlink_bytes"] for x in r["rounds"])
             dev = pruned.get(name, {}).get("devices", {})
             rows.append(
                 {
                     "name": name,
-                    "time_to_target": reach,
+                    "time_to_target": [time_to(r, timeline, t) for t in targets],
                     "total_time": timeline[-1],
                     "final": r["accuracy"][-1],
                     "best": max(a for a in r["accuracy"] if a is not None),
@@ -270,51 +321,53 @@ def main() -> None:
                     if dev
                     else r["accuracy"][-1],
                     "speedup": statistics.mean(d["speedup"] for d in dev.values()) if dev else 1.0,
-                    "up": up,
-                    "down": down,
+                    "up": sum(x["uplink_bytes"] for x in r["rounds"]),
+                    "down": sum(x["downlink_bytes"] for x in r["rounds"]),
                 }
             )
-        uniform = next(x for x in rows if x["name"] == "uniform")
-        fixed = [
-            x
-            for x in rows
-            if not x["name"].startswith("fedspine") and x["time_to_target"] is not None
-        ]
-        best_fixed = min(fixed, key=lambda x: x["time_to_target"]) if fixed else None
-        spine = next(x for x in rows if x["name"].startswith("fedspine"))
+        reach_cols = " | ".join(f"simulated s to {t:.3f}" for t in targets)
         lines += [
             f"## {mix} ({', '.join(f'{t}×{tiers.count(t)}' for t in dict.fromkeys(tiers))})",
             "",
-            "| allocation | simulated s to target | simulated s total | final acc (global) | best acc "
+            f"| allocation | {reach_cols} | simulated s total | final acc (global) | best acc "
             "| mean acc of pruned device models | pruned inference speed-up | uplink MB | downlink MB |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| --- | " + "---: | " * len(targets) + "---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for x in rows:
-            reach = (
-                f"{x['time_to_target']:.0f}" if x["time_to_target"] is not None else "not reached"
-            )
+            reach = " | ".join(f"{t:.0f}" if t is not None else "not reached" for t in x["time_to_target"])
             lines.append(
                 f"| {x['name']} | {reach} | {x['total_time']:.0f} | {x['final']:.3f} | {x['best']:.3f} "
                 f"| {x['pruned_acc']:.3f} | {x['speedup']:.2f}× | {x['up'] / 1e6:.2f} | {x['down'] / 1e6:.2f} |"
             )
+        uniform = next(x for x in rows if x["name"] == "uniform")
+        spine = next(x for x in rows if x["name"].startswith("fedspine"))
         verdict = []
-        for label, ref in (("uniform", uniform), ("best fixed", best_fixed)):
-            if ref is None or ref["time_to_target"] is None:
-                verdict.append(f"{label}: did not reach the target")
-            elif spine["time_to_target"] is None:
-                verdict.append(f"vs {label} ({ref['name']}): FedSpine did not reach the target")
-            else:
-                speed = ref["time_to_target"] / spine["time_to_target"]
-                gap = 100 * (ref["final"] - spine["final"])
-                met = speed >= 1.4 and gap <= 1.0
-                verdict.append(
-                    f"vs {label} ({ref['name']}): {speed:.2f}× faster to the target, final accuracy "
-                    f"{gap:+.1f} pt behind (goal ≥ 1.4× at ≤ 1 pt: {'met' if met else 'NOT met'})"
-                )
+        for i, target in enumerate(targets):
+            fixed = [
+                x
+                for x in rows
+                if not x["name"].startswith("fedspine") and x["time_to_target"][i] is not None
+            ]
+            best_fixed = min(fixed, key=lambda x: x["time_to_target"][i]) if fixed else None
+            for label, ref in (("uniform", uniform), ("best fixed", best_fixed)):
+                if ref is None or ref["time_to_target"][i] is None:
+                    verdict.append(f"target {target:.3f}, {label}: did not reach the target")
+                elif spine["time_to_target"][i] is None:
+                    verdict.append(
+                        f"target {target:.3f}, vs {label} ({ref['name']}): FedSpine did not reach it"
+                    )
+                else:
+                    speed = ref["time_to_target"][i] / spine["time_to_target"][i]
+                    gap = 100 * (ref["final"] - spine["final"])
+                    met = speed >= 1.4 and gap <= 1.0
+                    verdict.append(
+                        f"target {target:.3f}, vs {label} ({ref['name']}): {speed:.2f}× faster to "
+                        f"the target, final accuracy {gap:+.1f} pt behind (goal ≥ 1.4× at ≤ 1 pt: "
+                        f"{'met' if met else 'NOT met'})"
+                    )
         lines += ["", *[f"- {v}" for v in verdict], ""]
-        decisions = runs[f"fedspine@{mix}"]["decisions"]
         per_device: dict[int, list[dict[str, Any]]] = {}
-        for d in decisions:
+        for d in runs[f"fedspine@{mix}"]["decisions"]:
             per_device.setdefault(int(d["partition_id"]), []).append(d)
         lines.append(
             "FedSpine's choices per device (rank, prune ratio by round; final sparsity): "
@@ -327,22 +380,7 @@ def main() -> None:
         )
         lines.append("")
         summary["mixes"][mix] = rows
-    text = "\n".join(lines)
-    print(text)
-    (args.out / "fedspine.md").write_text(text + "\n")
-    (args.out / "fedspine.json").write_text(
-        json.dumps(
-            {
-                "summary": summary,
-                "pruned": pruned,
-                "runs": {k: {**v, "global": None} for k, v in runs.items()},
-            },
-            indent=1,
-            default=str,
-        )
-    )
-    plot(runs, args.out / "fedspine.png")
-    print(f"wrote {args.out / 'fedspine.md'}, fedspine.json, fedspine.png")
+    return "\n".join(lines), summary
 
 
 def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
