@@ -362,7 +362,8 @@ def report(
                     met = speed >= 1.4 and gap <= 1.0
                     verdict.append(
                         f"target {target:.3f}, vs {label} ({ref['name']}): {speed:.2f}× faster to "
-                        f"the target, final accuracy {gap:+.1f} pt behind (goal ≥ 1.4× at ≤ 1 pt: "
+                        f"the target, final accuracy {abs(gap):.1f} pt {'behind' if gap > 0 else 'ahead'} "
+                        f"(goal ≥ 1.4× at ≤ 1 pt: "
                         f"{'met' if met else 'NOT met'})"
                     )
         lines += ["", *[f"- {v}" for v in verdict], ""]
