@@ -864,6 +864,8 @@ def run_server(
     )
     results = RunResults(out_dir, strategy=cfg.strategy.name, task=cfg.task.name)
     results.extra.update({"seed": cfg.seed, "clients": len(nodes), "codec": {"uplink": uplink.name, "downlink": downlink.name}})
+    split = task.split_summary(cfg.federation.clients)
+    results.extra["split"] = split
     ckpt_dir = checkpoint_dir(cfg)
     details_path = out_dir / "details.jsonl"
     resumed = load_latest(ckpt_dir) if cfg.checkpoint.resume else None
@@ -912,7 +914,7 @@ def run_server(
             record["strategy_metrics"] = dict(info.strategy_metrics)
             record.update({k: v for k, v in info.metrics.items() if k.startswith("client_")})
         results.add_round(record)
-        _append_details(details_path, server_round, info, adapter)
+        _append_details(details_path, server_round, info, adapter, split if server_round == 0 else None)
         every = cfg.checkpoint.every
         if every and server_round > 0 and (server_round % every == 0 or server_round == cfg.federation.rounds):
             save_checkpoint(
@@ -958,10 +960,16 @@ def run_server(
     return results
 
 
-def _append_details(path: pathlib.Path, server_round: int, info: RoundLog, adapter: FlowerStrategyAdapter) -> None:
+def _append_details(
+    path: pathlib.Path,
+    server_round: int,
+    info: RoundLog,
+    adapter: FlowerStrategyAdapter,
+    split: Mapping[str, Any] | None = None,
+) -> None:
     import json
 
-    line = {
+    line: dict[str, Any] = {
         "round": server_round,
         "metrics": {k: v for k, v in info.metrics.items() if isinstance(v, float) and math.isfinite(v)},
         "reasons": info.reasons,
@@ -970,6 +978,8 @@ def _append_details(path: pathlib.Path, server_round: int, info: RoundLog, adapt
             "downlink": adapter.ledger.per_client(server_round, "downlink"),
         },
     }
+    if split is not None:  # round 0: the split the run trained on
+        line["split"] = split
     with path.open("a") as handle:
         handle.write(json.dumps(line, default=str) + "\n")
 

@@ -22,7 +22,14 @@ import torch
 from fedpeft.config import RunConfig
 from fedpeft.lora.peft_io import AdapterLayout
 from fedpeft.seeding import derive_seed
-from fedpeft.tasks.data import Examples, holdout_split, partition_indices
+from fedpeft.tasks.data import (
+    SPLIT_VERSION,
+    Examples,
+    all_partition_indices,
+    holdout_split,
+    label_histogram,
+    partition_indices,
+)
 from fedpeft.tasks.model import AdapterModel, cached, seeded
 from fedpeft.tasks.packages import cache_root
 from fedpeft.tasks.train import PenaltyFn, StepFn, TrainResult, evaluate, local_train
@@ -178,11 +185,12 @@ class Task:
         seed = derive_seed(self.cfg.seed, "holdout")
         return cached(
             self._key("split", self.test_size, seed),
-            lambda: holdout_split(len(self.corpus()), self.test_size, seed),
+            lambda: holdout_split(len(self.corpus()), self.test_size, seed, self.corpus()),
         )
 
     def test_data(self) -> Examples:
-        """The server's held-out test set (seeded, disjoint from every partition)."""
+        """The server's held-out test set (seeded, disjoint from every partition; no
+        pool example repeats a test example's tokens)."""
         return self.corpus().subset(self._split()[1].tolist())
 
     def train_pool(self) -> Examples:
@@ -227,7 +235,7 @@ class Task:
             if not self.corpus_sources():
                 return build()
             key = hashlib.sha256(
-                repr((self._corpus_key(), self.test_size, self.cfg.seed, partition_id,
+                repr((SPLIT_VERSION, self._corpus_key(), self.test_size, self.cfg.seed, partition_id,
                       num_partitions, data_cfg, self.cfg.eval.client)).encode()
             ).hexdigest()[:16]
             path = cache_root(self.cfg.model.cache_dir) / f"part-{key}.npz"
@@ -249,6 +257,38 @@ class Task:
             self._key("client", partition_id, num_partitions, data_cfg, self.cfg.seed, self.cfg.eval.client),
             build_cached,
         )
+
+    def label_names(self) -> list[str]:
+        """Names of the coarse labels counted by :meth:`split_summary` (class names for
+        classification, group names for causal LM); empty when unnamed."""
+        return []
+
+    def split_summary(self, num_partitions: int) -> dict[str, Any]:
+        """What each client was dealt: partition sizes and label counts.
+
+        Computed from the partition indices alone (no example is materialised, so the
+        1,000-client lazy path stays lazy). Counts are of the whole partition, before a
+        client sets aside its local test share (``eval.client``) or truncates to
+        ``data.max-examples``. Also reports the test set's counts and how many pool
+        examples were dropped as copies of test examples.
+        """
+        pool = self.train_pool()
+        seed = derive_seed(self.cfg.seed, "partition")
+        parts = all_partition_indices(pool, num_partitions, self.cfg.data, seed)
+        clients = [
+            {"partition_id": pid, "examples": len(idx), "labels": label_histogram(pool, idx)}
+            for pid, idx in enumerate(parts)
+        ]
+        train_idx, test_idx = self._split()
+        return {
+            "partition": self.cfg.data.partition,
+            "alpha": self.cfg.data.alpha if self.cfg.data.partition == "dirichlet" else None,
+            "label_names": self.label_names(),
+            "pool": label_histogram(pool),
+            "test": label_histogram(self.corpus(), test_idx.tolist()),
+            "dropped_test_copies": len(self.corpus()) - len(train_idx) - len(test_idx),
+            "clients": clients,
+        }
 
     def layout(self, rank: int) -> AdapterLayout:
         """Adapter layout facts for LoRA algebra."""

@@ -86,6 +86,10 @@ class CausalLM(Task):
         f_ids = tok(full, add_special_tokens=False)["input_ids"]
         return list(f_ids), len(p_ids)
 
+    def label_names(self) -> list[str]:
+        """The chatterbot categories (the coarse label of a Q/A pair)."""
+        return sorted({c for c, _, _ in read_pairs()})
+
     def load_corpus(self, tokenizer: Any) -> Examples:
         """Tokenise every pair; labels mask the prompt with ``-100``."""
         pairs = read_pairs()

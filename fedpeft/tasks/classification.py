@@ -108,6 +108,10 @@ class Classification(Task):
             self._folder(), num_labels=len(LABELS)
         )
 
+    def label_names(self) -> list[str]:
+        """``negative``, ``neutral``, ``positive``."""
+        return sorted(LABELS, key=LABELS.__getitem__)
+
     def task_type(self) -> str:
         """Sequence classification: peft also trains and saves the head."""
         return "SEQ_CLS"

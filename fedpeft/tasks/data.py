@@ -50,12 +50,38 @@ class Examples:
         )
 
 
-def holdout_split(n: int, test_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of ``range(n)`` into (train pool, test) index arrays."""
+SPLIT_VERSION = 2
+"""Bumped whenever the split of a given ``(seed, config)`` changes, so partitions cached
+on disk by an older fedpeft are never reused (2: IID shuffles the pool first and the
+pool holds no copy of a test example)."""
+
+
+def holdout_split(
+    n: int, test_size: int, seed: int, examples: Examples | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` into (train pool, test) index arrays.
+
+    With ``examples``, pool examples whose token ids equal a test example's are dropped
+    from the pool (the corpus has duplicate texts — retweets — and a copy of a test
+    text in the training data leaks the test set). The test set itself is unchanged.
+    """
     if test_size >= n:
         raise ConfigError(f"data.test-size must be < the {n} examples available, got {test_size}")
     perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
-    return np.sort(perm[test_size:]), np.sort(perm[:test_size])
+    pool, test = np.sort(perm[test_size:]), np.sort(perm[:test_size])
+    if examples is not None:
+        seen = {tuple(examples.input_ids[i]) for i in test}
+        pool = pool[[tuple(examples.input_ids[i]) not in seen for i in pool]]
+    return pool, test
+
+
+def label_histogram(examples: Examples, indices: Sequence[int] | None = None) -> list[int]:
+    """Counts of each coarse label (``label_ids``) among ``indices`` (all by default)."""
+    labels = np.asarray(examples.label_ids, dtype=np.int64)
+    if indices is not None:
+        labels = labels[np.asarray(indices, dtype=np.int64)]
+    size = int(np.max(examples.label_ids)) + 1 if len(examples) else 0
+    return np.bincount(labels, minlength=size).astype(int).tolist()
 
 
 _PARTITIONERS: dict[tuple[object, ...], object] = {}
@@ -67,7 +93,10 @@ def partition_indices(
 ) -> list[int]:
     """Indices (into ``pool``) of one client's partition.
 
-    ``iid``: ``IidPartitioner``; ``dirichlet``: ``DirichletPartitioner`` over
+    ``iid``: a seeded shuffle of the pool, then ``IidPartitioner``'s equal shares (the
+    partitioner alone cuts contiguous shards, and the pool is in corpus order — sorted
+    by label in the embedded corpus — so without the shuffle every "IID" client would
+    hold one or two classes); ``dirichlet``: ``DirichletPartitioner`` over
     ``label_ids`` with concentration ``cfg.alpha``; ``topic``: ``NaturalIdPartitioner``
     over a group column in which the ``G`` natural groups are spread over the
     clients: client ``i`` gets group ``i mod G``, and clients that share a group split
@@ -107,6 +136,33 @@ def partition_indices(
                 f"({err}); raise data.alpha, use fewer clients, or use data.partition=iid"
             ) from err
     return sorted(int(i) for i in part["idx"])
+
+
+def all_partition_indices(
+    pool: Examples, num_partitions: int, cfg: DataConfig, seed: int
+) -> list[np.ndarray]:
+    """Every client's :func:`partition_indices` at once (sorted arrays).
+
+    For ``iid`` and ``dirichlet`` the assignment is read from the fitted partitioner in
+    one pass (``IidPartitioner`` cuts the shuffled index column into contiguous equal
+    shares, as ``numpy.array_split`` does; ``DirichletPartitioner`` keeps its
+    assignment), instead of one ``load_partition`` per client — 1,000 clients in
+    milliseconds instead of seconds. A test checks both paths agree.
+    """
+    if cfg.partition in ("iid", "dirichlet"):
+        partitioner = _fitted_partitioner(pool, num_partitions, cfg, seed)
+        if cfg.partition == "dirichlet":
+            partition_indices(pool, 0, num_partitions, cfg, seed)  # fits; names bad α
+        column = np.asarray(partitioner.dataset["idx"], dtype=np.int64)  # type: ignore[attr-defined]
+        if cfg.partition == "iid":
+            return [np.sort(part) for part in np.array_split(column, num_partitions)]
+        assigned = getattr(partitioner, "_partition_id_to_indices", None)
+        if isinstance(assigned, dict) and len(assigned) == num_partitions:
+            return [np.sort(column[np.asarray(assigned[i], dtype=np.int64)]) for i in range(num_partitions)]
+    return [
+        np.asarray(partition_indices(pool, i, num_partitions, cfg, seed), dtype=np.int64)
+        for i in range(num_partitions)
+    ]
 
 
 def _fitted_partitioner(
@@ -150,7 +206,11 @@ def _fitted_partitioner(
     else:
         columns["client"] = _topic_owner(pool.groups, num_partitions, seed)
         partitioner = NaturalIdPartitioner(partition_by="client")
-    partitioner.dataset = datasets.Dataset.from_dict(columns)  # type: ignore[attr-defined]
+    dataset = datasets.Dataset.from_dict(columns)
+    if cfg.partition == "iid":
+        # IidPartitioner cuts contiguous shards: shuffle first (flwr-datasets' advice).
+        dataset = dataset.shuffle(seed=seed % 2**32).flatten_indices()
+    partitioner.dataset = dataset  # type: ignore[attr-defined]
     if cfg.partition == "topic":
         _ = partitioner.num_partitions  # type: ignore[attr-defined]  # builds the mapping
     while len(_PARTITIONERS) >= _PARTITIONER_SLOTS:
