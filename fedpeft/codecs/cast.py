@@ -14,7 +14,10 @@ Both halve the bytes (``2·numel`` per tensor) and keep the tensor's shape.
   back into the high half of an fp32 word, which is exact.
 
 Neither is unbiased, but the bias is far below the rounding error of later local
-training. ``NaN`` and ``±inf`` pass through unchanged.
+training, and in a chain the rounding error is fed back like any other stage's
+(:class:`~fedpeft.codecs.base.Chain`), so ``fp16`` alone keeps a residual per tensor
+and the bias does not accumulate over rounds. ``NaN`` and ``±inf`` pass through
+unchanged (and are not carried).
 """
 
 from __future__ import annotations

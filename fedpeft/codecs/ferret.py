@@ -20,6 +20,12 @@ This is the projection as a codec, so any LoRA strategy can chain it
 ``O(K·d)``) and the downlink is unchanged. The estimate is unbiased but noisy
 (relative squared error ≈ ``d_l/K_l`` per block).
 
+No error feedback: the stage is not ``contractive`` (its error is larger than the
+update, relative ≈ ``√(d_l/K_l)``), so a chain containing it keeps no residual and
+sends each round's unbiased estimate alone, as the Ferret paper does; a carried
+residual would grow without bound. Other lossy stages in the same chain are then not
+fed back either.
+
 Spec: ``ferret:<K>`` (``K`` in ``[1, 65536]``, default 200). Uplink only.
 """
 
@@ -69,6 +75,11 @@ class FerretProjection:
     @property
     def lossless(self) -> bool:
         """Lossy: an unbiased random estimate."""
+        return False
+
+    @property
+    def contractive(self) -> bool:
+        """No: the estimate's error exceeds the update, so it is never fed back."""
         return False
 
     def _seeds(self, ctx: CodecContext) -> tuple[int, int]:

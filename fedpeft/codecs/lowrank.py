@@ -1,21 +1,24 @@
-"""``lowrank``: PowerSGD-style rank-q re-factoring of 2-D tensors, with error feedback.
+"""``lowrank``: PowerSGD-style rank-q re-factoring of 2-D tensors (fed back by the chain).
 
 Vogels, Karimireddy & Jaggi, "PowerSGD: Practical Low-Rank Gradient Compression for
 Distributed Optimization", NeurIPS 2019 (arXiv:1905.13727), Algorithm 1. Per 2-D
-tensor ``U`` (``m × n``) and round ``t``, with ``Q_{t−1}`` (``n × q``) the previous
+tensor ``V`` (``m × n``) and round ``t``, with ``Q_{t−1}`` (``n × q``) the previous
 round's right factor (warm start; a seeded Gaussian in the first round)::
 
-    V = U + e_{t−1}                      # (m, n), e_0 = 0
     P = orthonormalize(V · Q_{t−1})      # (m, q), reduced QR
     Q = Vᵀ · P                           # (n, q)
     send P, Q;   decoded = P · Qᵀ         # (m, n)
-    e_t = V − decoded                    # kept in the stage state, float64
 
 ``P Qᵀ = P Pᵀ V`` is the orthogonal projection of ``V`` onto ``span(P)``, so
 ``‖V − P Qᵀ‖_F ≤ ‖V‖_F`` and a tensor of rank ``≤ q`` is recovered exactly (to fp32
 rounding); warm starting makes repeated rounds a subspace iteration that converges to
-the best rank-q approximation. Error feedback gives ``Σ_t decoded_t + e_T = Σ_t U_t``
-(to float64 rounding). Bytes: ``4·q·(m + n)`` instead of ``4·m·n``.
+the best rank-q approximation. Bytes: ``4·q·(m + n)`` instead of ``4·m·n``.
+
+Algorithm 1's error feedback (``V = U + e_{t−1}``, ``e_t = V − decoded``) is done by
+:class:`~fedpeft.codecs.base.Chain` over the whole chain, so in ``lowrank:2+int8`` the
+quantizer's error on ``P`` and ``Q`` is fed back too and ``Σ_t decoded_t + e_T =
+Σ_t U_t`` holds for what the receiver decodes. The stage's own state is only the warm
+start ``Q`` (state key ``key::Q``, float64, ``(n, q)``).
 
 Only 2-D fp32 data arrays whose factor form is smaller (``q·(m + n) < m·n``) are
 re-factored, into ``key::P`` and ``key::Q`` (fp32; a later ``int8`` or ``fp16`` stage
@@ -76,33 +79,22 @@ class PowerSgdLowRank:
     def encode(
         self, payload: Payload, state: CodecState, ctx: CodecContext
     ) -> tuple[Payload, CodecState]:
-        """Re-factor each eligible matrix; the state holds residuals and warm starts.
+        """Re-factor each eligible matrix; the state holds the warm starts.
 
-        State keys: ``key`` (residual ``e_t``, float64, ``(m, n)``) and ``key::Q``
-        (warm start, float64, ``(n, q)``). Entries of keys absent from this payload
-        are carried over.
+        State keys: ``key::Q`` (warm start, float64, ``(n, q)``); entries of keys absent
+        from this payload are carried over.
 
         Raises:
-            CodecError: a stored residual's shape differs from its tensor's, or a
-                tensor holds NaN or inf.
+            CodecError: a tensor holds NaN or inf.
         """
         arrays: dict[str, np.ndarray] = {}
-        new_state: CodecState = dict(state)
+        new_state: CodecState = {k: v for k, v in state.items() if k.endswith(RIGHT)}
         for key, arr in payload.arrays.items():
             if not (is_data(key, arr) and self.compresses(arr.shape)):
                 put(arrays, key, arr)
                 continue
-            m, n = arr.shape
-            residual = state.get(key)
-            if residual is not None and residual.shape != (m, n):
-                raise CodecError(
-                    f"lowrank residual for {key!r} has shape {residual.shape}, but the "
-                    f"tensor has shape {arr.shape}; reset the codec state when a tensor "
-                    "changes shape"
-                )
+            n = arr.shape[1]
             v = arr.astype(np.float64)  # (m, n)
-            if residual is not None:
-                v += residual
             if not np.isfinite(v).all():
                 raise CodecError(f"{self.name} cannot factor {key!r}: it holds NaN or inf")
             warm = state.get(key + RIGHT)
@@ -110,10 +102,8 @@ class PowerSgdLowRank:
                 warm = stage_rng(ctx, "lowrank", key).standard_normal((n, self.rank))
             p, _ = np.linalg.qr(v @ warm)  # (m, q) orthonormal columns
             q = v.T @ p  # (n, q)
-            p32, q32 = p.astype(np.float32), q.astype(np.float32)
-            put(arrays, key + LEFT, p32)
-            put(arrays, key + RIGHT, q32)
-            new_state[key] = v - product(p32, q32)  # (m, n)
+            put(arrays, key + LEFT, p.astype(np.float32))
+            put(arrays, key + RIGHT, q.astype(np.float32))
             new_state[key + RIGHT] = q
         return Payload(arrays=arrays, meta=dict(payload.meta)), new_state
 

@@ -18,7 +18,10 @@ Properties (each tested):
   ``ceil(n/2) + 4·ceil(n/B_s)`` — ratios ``32/(b + 32/B_s)``: 3.94× and 7.76× at
   ``B_s = 256``;
 * deterministic: the uniforms come from ``Philox(derive_seed(ctx.seed, "quantize",
-  key))``, so the same seed and key give the same bytes and the decoder needs no RNG.
+  key))``, so the same seed and key give the same bytes and the decoder needs no RNG;
+  the encoder's own decode of the payload therefore equals the receiver's, which is
+  what lets :class:`~fedpeft.codecs.base.Chain` feed the quantization error back
+  (``int8`` alone, and after ``topk`` or ``lowrank``).
 
 Specs: ``int8`` (block 256), ``int8:128``; ``int4``, ``int4:64``. Encoding ``key``
 produces ``key::int8`` (int8, the tensor's shape) or ``key::int4`` (packed uint8 plus

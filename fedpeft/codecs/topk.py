@@ -1,22 +1,19 @@
-"""``topk``: magnitude top-k sparsification with error feedback.
+"""``topk``: magnitude top-k sparsification (fed back by the chain).
 
-Error feedback (EF) as in Stich, Cordonnier & Jaggi, "Sparsified SGD with Memory",
-NeurIPS 2018 (arXiv:1809.07599) and Karimireddy et al., "Error Feedback Fixes SignSGD
-and other Gradient Compression Schemes", ICML 2019. Per tensor and round ``t``
-(ALGORITHMS.md §12.2)::
+Per tensor ``v`` (``n`` entries)::
 
-    v_t = u_t + e_{t−1}          (e_0 = 0)
-    c_t = top_k(|v_t|)            (keep the k entries of largest magnitude, zero the rest)
-    e_t = v_t − c_t               (kept in the stage state, float64)
+    c = top_k(|v|)                (keep the k entries of largest magnitude, zero the rest)
 
-so ``Σ_t c_t + e_T = Σ_t u_t``: nothing is lost, only delayed. The residual is held in
-float64 and ``c_t`` is the fp32 rounding of ``v_t`` on the kept entries, so the
-identity holds to float64 rounding even though the wire carries fp32.
+The stage is stateless and biased on its own. Error feedback, ``v_t = u_t + e_{t−1}``,
+``e_t = v_t − c_t`` (Stich, Cordonnier & Jaggi, "Sparsified SGD with Memory", NeurIPS
+2018, arXiv:1809.07599; ALGORITHMS.md §12.2) is done by :class:`~fedpeft.codecs.base.Chain`
+over the whole chain, so in ``topk:0.05+int8`` the quantizer's error on the kept values is
+fed back together with the dropped entries and ``Σ_t c_t + e_T = Σ_t u_t`` holds for
+what the receiver decodes.
 
 Error bound: exact on kept entries (before later stages); each dropped entry is the
-difference; ``‖v − c‖_F ≤ sqrt(1 − k/n)·‖v‖_F``. With a later lossy stage
-(``topk:0.05+int8``) only the top-k error is fed back; the quantizer's own error is
-unbiased and not accumulated.
+difference; ``‖v − c‖_F ≤ sqrt(1 − k/n)·‖v‖_F`` (a contraction, so error feedback
+applies).
 
 Specs: ``topk:0.05`` (a fraction in ``(0, 1]``: ``k = max(1, round(f·n))``) or
 ``topk:1000`` (a count, ``k = min(1000, n)``); a parameter with a ``.`` is a fraction.
@@ -79,7 +76,7 @@ def decode_indices(suffix: str, arr: np.ndarray, n: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TopK:
-    """Keep the ``k`` largest-magnitude entries of each tensor, with error feedback.
+    """Keep the ``k`` largest-magnitude entries of each tensor (stateless).
 
     Exactly one of ``fraction`` and ``count`` is set.
 
@@ -125,31 +122,18 @@ class TopK:
     def encode(
         self, payload: Payload, state: CodecState, ctx: CodecContext
     ) -> tuple[Payload, CodecState]:
-        """Sparsify every fp32 data array; the new state holds each residual ``e_t``.
-
-        Residuals of keys absent from this payload are carried over unchanged.
+        """Sparsify every fp32 data array; keeps no state (returns ``{}``).
 
         Raises:
-            CodecError: a stored residual's shape differs from its tensor's (reset the
-                codec state when a tensor changes shape, e.g. a new rank).
+            CodecError: a tensor has ``2**32`` entries or more (indices are uint32).
         """
         arrays: dict[str, np.ndarray] = {}
         meta = dict(payload.meta)
-        new_state: CodecState = dict(state)
         for key, arr in payload.arrays.items():
             if not is_data(key, arr):
                 put(arrays, key, arr)
                 continue
-            residual = state.get(key)
-            if residual is not None and residual.shape != arr.shape:
-                raise CodecError(
-                    f"topk residual for {key!r} has shape {residual.shape}, but the "
-                    f"tensor has shape {arr.shape}; reset the codec state when a "
-                    "tensor changes shape"
-                )
-            v = arr.reshape(-1).astype(np.float64)  # (n,)
-            if residual is not None:
-                v += residual.reshape(-1)
+            v = arr.reshape(-1)  # (n,)
             n, k = v.size, self.num_kept(v.size)
             if n >= 2**32:
                 raise CodecError(f"topk indexes with uint32; {key!r} has {n} entries")
@@ -157,15 +141,11 @@ class TopK:
                 idx = np.arange(n, dtype=np.int64)
             else:
                 idx = np.sort(np.argpartition(np.abs(v), n - k)[n - k :])  # (k,)
-            values = v[idx].astype(np.float32)  # (k,)
-            e = v.copy()
-            e[idx] -= values  # v − c, exactly (the fp32 rounding stays in e)
             suffix, encoded = encode_indices(idx, n)
             put(arrays, key + suffix, encoded)
-            put(arrays, key + VAL, values)
+            put(arrays, key + VAL, v[idx])  # (k,) fp32, exact
             meta[key + TAG] = shape_to_str(arr.shape)
-            new_state[key] = e.reshape(arr.shape)
-        return Payload(arrays=arrays, meta=meta), new_state
+        return Payload(arrays=arrays, meta=meta), {}
 
     def decode(self, payload: Payload, ctx: CodecContext) -> Payload:
         """Scatter each ``key::val`` into zeros of ``meta[key::topk]``'s shape."""

@@ -64,7 +64,7 @@ def test_error_feedback_telescopes():
         out, _, state = _roundtrip("lowrank:2", {"w": u}, state, seed=t)
         sent += out["w"].double().numpy()
         total += u.double().numpy()
-    np.testing.assert_allclose(sent + state["0/w"], total, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(sent + state["ef/w"], total, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize(
@@ -75,9 +75,9 @@ def test_only_smaller_factor_forms_are_sent(shape, compressed):
     out, encoded, state = _roundtrip("lowrank:2", {"w": t})
     if compressed:
         assert encoded.nbytes() == 4 * 2 * (shape[0] + shape[1])
-        assert set(state) == {"0/w", "0/w::Q"}
+        assert set(state) == {"ef/w", "0/w::Q"}  # chain residual, stage warm start
     else:
-        assert list(encoded.arrays) == ["w"] and state == {}
+        assert list(encoded.arrays) == ["w"] and state == {}  # a zero residual is not kept
         assert torch.equal(out["w"], t)
 
 
