@@ -59,6 +59,12 @@ from fedpeft.lora.peft_io import base_delta_key, factor_keys, is_base_delta_key
 class FedExLoraConfig:
     """Options of ``fedex-lora``.
 
+    Default differs from the paper: example-count weights ``p_k ∝ n_k`` (paper's
+    equations and reference code: plain means over the clients) because fedpeft
+    weights every strategy by local examples (ALGORITHMS.md §0) so that methods are
+    compared under the same weights; ``equal_weights = true`` gives the paper's
+    means, and the exactness identity holds for either.
+
     Attributes:
         equal_weights: plain means as in the reference code instead of example counts.
     """

@@ -48,6 +48,12 @@ from fedpeft.lora.peft_io import factor_keys, is_lora_key, lora_modules
 class FedSaLoraConfig:
     """Options of ``fedsa-lora``.
 
+    Default differs from the paper's GLUE setup: ``local_extras = false``, a shared
+    classifier head (official ``federatedscope/glue/yamls/fedsa-lora.yaml``:
+    ``local_param: ['lora_B', 'classifier']``) because the official LLM config keeps
+    only ``lora_B`` local and a shared head keeps the server-side model evaluable;
+    set ``local_extras = true`` to reproduce the GLUE runs.
+
     Attributes:
         equal_weights: weight clients equally instead of by example count.
         report_b: clients also upload B (and local extras) for the server's

@@ -46,9 +46,11 @@ implementation, see the README).
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -94,6 +96,8 @@ from fedpeft.pruning.bert import (
 )
 from fedpeft.selection.sucb import FedSpineSelector, SucbConfig
 
+log = logging.getLogger("fedpeft")
+
 HEADS_KEY = AUX_PREFIX + "fedspine.heads"
 """Uploaded ``(L, H)`` int8 keep-mask over the original attention heads."""
 CHANNELS_KEY = AUX_PREFIX + "fedspine.channels"
@@ -120,10 +124,25 @@ def _ints(text: str, key: str) -> tuple[int, ...]:
 class FedSpineConfig:
     """Options of ``fedspine`` (defaults: ALGORITHMS.md §11 ``[PROPOSAL]`` values).
 
+    The paper's text (no public code) gives only the pruning interval (20) and the
+    evaluated sparsities (50 % RoBERTa, 30 % LLaMA); the other defaults are the
+    specification's proposals, with one exception:
+
+    * Default differs from the specification: ``discount = 1`` (§11 pitfalls: 0.95)
+      because 0.95 lowered this S-UCB tree's reward on stationary and on drifting
+      rewards alike (figures under ``SucbConfig.discount``).
+
+    ``ranks`` defaults to the specification's set ``2,4,8,16,32``, but a device's rank
+    cannot exceed the global adapter's rank ``lora.r`` (the server keeps the global
+    factors at ``r_max = lora.r``; default 8): ``build`` drops the larger ranks and
+    logs it once, so with the default ``lora.r = 8`` the bandit chooses from
+    ``2,4,8``. Set ``lora.r = 32`` for the whole set.
+
     Attributes:
         target_sparsity: ``s*``, the final head/channel sparsity of every device.
         prune_interval: local steps between pruning steps (20 was best in the paper).
-        ranks: the ranks the bandit may choose, comma-separated (≤ ``lora.r``).
+        ranks: the ranks the bandit may choose, comma-separated; those above
+            ``lora.r`` are dropped at build time (logged; an error if none is left).
         p_min: smallest per-round pruning ratio of the remaining structures.
         p_max: largest one.
         fixed_rank: ``> 0``: every device always trains at this rank (no bandit on
@@ -144,7 +163,7 @@ class FedSpineConfig:
 
     target_sparsity: float = 0.5
     prune_interval: int = 20
-    ranks: str = "2,4,8"
+    ranks: str = "2,4,8,16,32"
     p_min: float = 0.0
     p_max: float = 0.3
     fixed_rank: int = 0
@@ -677,14 +696,41 @@ def _scatter_product(
     return full
 
 
+@functools.cache
+def _note_dropped_ranks(dropped: tuple[int, ...], kept: tuple[int, ...], rank: int) -> None:
+    """Log once per process (``build`` runs for every client message)."""
+    log.info(
+        "fedspine: ranks %s exceed lora.r=%d (the global adapter's rank) and are not "
+        "offered; the bandit chooses from %s (raise lora.r to offer them)",
+        ",".join(map(str, dropped)),
+        rank,
+        ",".join(map(str, kept)),
+    )
+
+
 def build(config: FedSpineConfig, env: StrategyEnv) -> FedStrategy:
-    """FedSpine: S-UCB selector, pruning client, mask-aware aggregator."""
+    """FedSpine: S-UCB selector, pruning client, mask-aware aggregator.
+
+    Ranks of ``fedspine.ranks`` above ``lora.r`` are dropped (logged); a
+    ``fedspine.fixed-rank`` above it, or no rank left, is an error.
+    """
     problems = config.problems()
-    if not problems and max(config.rank_choices(), default=0) > env.rank:
-        problems.append(
-            f"fedspine.ranks / fedspine.fixed-rank must be <= lora.r={env.rank} (the global "
-            f"adapter's rank), got {config.rank_choices()}"
-        )
+    if not problems:
+        choices = config.rank_choices()
+        kept = tuple(r for r in choices if r <= env.rank)
+        if config.fixed_rank > env.rank:
+            problems.append(
+                f"fedspine.fixed-rank must be <= lora.r={env.rank} (the global adapter's "
+                f"rank), got {config.fixed_rank}"
+            )
+        elif not kept:
+            problems.append(
+                f"fedspine.ranks must include a rank <= lora.r={env.rank} (the global "
+                f"adapter's rank), got {config.ranks!r}; lower the ranks or raise lora.r"
+            )
+        elif kept != choices:
+            _note_dropped_ranks(tuple(r for r in choices if r > env.rank), kept, env.rank)
+            config = replace(config, ranks=",".join(map(str, kept)))
     if problems:
         raise ConfigError(problems)
     layout = AdapterLayout(lora_alpha=env.lora_alpha, use_rslora=getattr(env, "use_rslora", False))

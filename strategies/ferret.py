@@ -119,7 +119,11 @@ class FerretOptions:
             the default (off for unbiased, 10 for reference); 0 turns it off.
         momentum: server momentum ``μ`` on the coordinate table.
         min_seeds: floor of the adaptive per-block budget.
-        refresh_pool: a new seed pool every round instead of one for the run.
+        refresh_pool: a new seed pool every round (default; the paper's fresh shared
+            randomness per round) instead of one for the run (``false``; the reference
+            code, needed for ``momentum > 0``). With one pool every round's
+            reconstruction is biased by the same basis and the run-long average does not
+            converge to the true update; see :mod:`fedpeft.projection.ferret`.
         block_ratio: a new block starts when adding a tensor would exceed
             ``block_ratio × median tensor size``.
         max_replay: most missed rounds a client replays before it is sent the full
@@ -129,6 +133,24 @@ class FerretOptions:
             (client change up, full state down, example-weighted mean): FedAvg on the
             same tensors, the baseline Ferret's bytes are compared with (with
             ``mode=full``: full-parameter FedAvg).
+
+    Defaults that differ from the paper (Shu et al., ICML 2025) or its reference
+    code (``allen4747/Ferret``, ``scripts/ferret.sh``):
+
+    * Default differs from the paper: ``mode=lora`` (paper: full-parameter tuning)
+      because fedpeft compares Ferret with the LoRA strategies on the same adapter;
+      ``mode=full`` with ``lora.target-modules=all-linear`` is the paper's setting.
+    * Default differs from the reference code: ``normalisation=unbiased`` with
+      ``η_s = 1`` and no clipping (code: ``d_l/K_l`` scaling, ≈ Δ/3 in expectation,
+      compensated by ``η_s = 10`` and a per-term clip of 10) because the paper states
+      an unbiased reconstruction; ``normalisation=reference`` restores the code's.
+    * Default differs from the reference script: ``equal_weights=false``, clients
+      weighted by examples (script: ``--equal_weight``) because every fedpeft strategy
+      weights by examples (ALGORITHMS.md §0), so methods are compared alike.
+    * Default differs from the reference code: ``refresh_pool=true`` (code: one pool
+      of ``K`` candidate seeds drawn once in ``main.py``) because the paper draws
+      fresh shared randomness every round and only then do the projection errors of
+      successive rounds cancel.
     """
 
     mode: Literal["lora", "full"] = "lora"
@@ -139,7 +161,7 @@ class FerretOptions:
     clip_norm: float = -1.0
     momentum: float = 0.0
     min_seeds: int = 2
-    refresh_pool: bool = False
+    refresh_pool: bool = True
     block_ratio: float = 0.9
     max_replay: int = 20
     equal_weights: bool = False

@@ -9,9 +9,15 @@ Low-Rank Adaptations", NeurIPS 2024; ALGORITHMS.md §4. Per layer, with client r
     B_st A_st = Σ_k p_k s_k B_k A_k           # merged into the base:
     D ← D + B_st A_st                         # cumulative base delta, (d_out, d_in)
 
-Every client then starts the next round from a *fresh* LoRA — the ``init`` tensors of
-its rank (random A, zero B) — on ``W0 + D`` (the reference code's ``merge_and_unload``
-and new ``LoraConfig`` per round). Clients of different ranks mix freely.
+Every client then starts the next round from a *fresh* LoRA on ``W0 + D`` (the
+reference code's ``merge_and_unload`` and a new random LoRA per client per round): a
+new ``A`` for every client and round, drawn as peft initialises ``lora_A`` by default
+(``kaiming_uniform_(a=√5)``, i.e. ``U(±1/√d_in)``; :func:`fresh_lora_a`), and
+``B = 0``. Its seed is ``derive_seed(plan.seed, "flora-fresh-a", partition id, module)``
+where ``plan.seed = derive_seed(run seed, "client", round, partition id)`` (the uniform
+selector's per-round client seed), so the server, the client and a resumed run agree
+on it, and it differs across clients, rounds and modules. Clients of different ranks
+mix freely.
 
 ``D`` travels as ``peft_io.base_delta_key(module)`` (dense ``nn.Linear`` layout). The
 global adapter keeps its LoRA A and a zero B (so the served model is exactly
@@ -27,6 +33,7 @@ stateless and makes skipped rounds harmless; the LoRA factors are never sent dow
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +52,17 @@ from fedpeft import (
     weighted_mean,
 )
 from fedpeft.lora import AdapterLayout, product_mean, split_adapter
-from fedpeft.lora.peft_io import base_delta_key, factor_keys, is_base_delta_key, is_lora_key
+from fedpeft.lora.peft_io import (
+    base_delta_key,
+    factor_keys,
+    is_base_delta_key,
+    is_lora_key,
+    lora_modules,
+)
+from fedpeft.seeding import derive_seed
+
+FRESH_A = "flora-fresh-a"
+"""Purpose tag of the fresh-A seed (see :func:`fresh_a_seed`)."""
 
 
 @dataclass(frozen=True)
@@ -117,20 +134,48 @@ class FloraAggregator:
         return RoundOutput(state=state, tensors=new, metrics=metrics)
 
 
+def fresh_a_seed(plan: ClientPlan, module: str) -> int:
+    """Seed of ``module``'s fresh A for ``plan``: ``(run seed, round, partition id)``
+    through ``plan.seed``, plus the partition id and the module path."""
+    return derive_seed(plan.seed, FRESH_A, plan.partition_id, module)
+
+
+def fresh_lora_a(
+    shape: tuple[int, int], seed: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A new LoRA ``A`` of shape ``(r, d_in)``, initialised as peft's default.
+
+    peft's ``LoraLayer.reset_lora_parameters`` (``init_lora_weights=True``) calls
+    ``nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))``: gain ``sqrt(2/(1+5))``
+    and fan-in ``d_in`` give ``U(−1/√d_in, 1/√d_in)``. Drawn in float32 from a
+    dedicated CPU generator seeded with ``seed`` (never the global RNG), then cast.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.empty(shape, dtype=torch.float32)  # (r, d_in)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+    return a.to(dtype)
+
+
 @dataclass(frozen=True)
 class FreshLora:
-    """FLoRA's client: a fresh LoRA (``init``) every round on the merged base.
+    """FLoRA's client: a fresh LoRA every round on the merged base.
 
-    ``start`` loads ``init`` for the LoRA factors, the received extras over ``init``'s
-    and every received base delta; everything in ``init`` is trained. ``finish``
-    uploads the trained adapter.
+    ``start`` draws a new ``A`` per LoRA module (:func:`fresh_lora_a`, seeded by
+    :func:`fresh_a_seed`) with ``B = 0``, loads the received extras over ``init``'s and
+    every received base delta; everything in ``init`` is trained. ``finish`` uploads
+    the trained adapter.
     """
 
     def start(
         self, received: TensorDict, init: TensorDict, state: TensorDict, plan: ClientPlan
     ) -> tuple[TensorDict, frozenset[str]]:
-        """Fresh factors, received extras and base deltas."""
+        """Fresh factors (new A, zero B), received extras and base deltas."""
         start = dict(init)
+        for module in lora_modules(init):
+            a_key, b_key = factor_keys(module)
+            shape = (int(init[a_key].shape[0]), int(init[a_key].shape[1]))  # (r, d_in)
+            start[a_key] = fresh_lora_a(shape, fresh_a_seed(plan, module), init[a_key].dtype)
+            start[b_key] = torch.zeros_like(init[b_key])  # (d_out, r)
         for k, v in received.items():
             if is_base_delta_key(k) or (k in init and not is_lora_key(k)):
                 start[k] = v

@@ -202,7 +202,10 @@ def test_lagging_client_catches_up_to_the_server():
 
 
 def test_momentum_and_clipping():
-    config = ferret.FerretConfig(num_seeds=16, momentum=0.9, clip_norm=0.5, server_lr=2.0)
+    # momentum mixes the tables of successive rounds: it needs one pool for the run
+    config = ferret.FerretConfig(
+        num_seeds=16, momentum=0.9, clip_norm=0.5, server_lr=2.0, refresh_pool=False
+    )
     old = _params([(200,), (200,)])
     layout = layout_of(old)
     pool = ferret.pool_seed(RUN_SEED, 1, config)
@@ -236,13 +239,79 @@ def test_encoding_is_deterministic_and_client_specific():
 
 def test_rejects_bad_config_and_updates():
     with pytest.raises(ConfigError) as info:
-        ferret.FerretConfig(num_seeds=70_000, momentum=1.0, clip_norm=0.0)
+        ferret.FerretConfig(num_seeds=70_000, momentum=1.0, clip_norm=0.0, refresh_pool=False)
     assert len(info.value.problems) == 3
     with pytest.raises(ConfigError, match="refresh_pool=True needs momentum=0"):
-        ferret.FerretConfig(refresh_pool=True, momentum=0.5)
+        ferret.FerretConfig(momentum=0.5)  # the default pool is fresh every round
     old = _params([(10,)])
     bad = {"p0": torch.full((10,), math.nan)}
     with pytest.raises(FedPeftError, match="non-finite norm"):
         _encode(old, bad, layout_of(old), ferret.FerretConfig(num_seeds=4))
     with pytest.raises(ConfigError, match="pool indices < d_l"):
         _encode(old, _trained(old, 1.0, 0), layout_of(old), replace(EXACT, num_seeds=32))
+
+
+# --------------------------------------------------------------------------- seed pools
+# Given the round's pool P, E[Δ̃ | P] = M_P Δ with E_P[M_P] = I and ‖M_P Δ − Δ‖ ≈
+# sqrt(d/K)‖Δ‖ (module docstring of fedpeft.projection.ferret). d = 256, K = 32:
+# one pool's error ≈ sqrt(8) = 2.83; the 50-round average of fresh pools ≈ sqrt(8/50) = 0.40.
+POOL_D, POOL_K = 256, 32
+
+
+def _average_reconstruction_error(refresh_pool, rounds, clients, run_seed, iid):
+    """‖mean_t Γ̃_t − mean_t Δ̄_t‖ / ‖mean_t Δ̄_t‖ with Γ̃_t the round's reconstructed
+    client average and Δ̄_t the true client average (equal weights)."""
+    config = ferret.FerretConfig(num_seeds=POOL_K, refresh_pool=refresh_pool)
+    gen = torch.Generator().manual_seed(run_seed)
+    old = {"w": torch.randn(POOL_D, generator=gen, dtype=torch.float64)}
+    layout = layout_of(old)
+    common = 0.1 * torch.randn(POOL_D, generator=gen, dtype=torch.float64)
+    rebuilt_sum = torch.zeros(POOL_D, dtype=torch.float64)
+    delta_sum = torch.zeros(POOL_D, dtype=torch.float64)
+    for t in range(1, rounds + 1):
+        pool = ferret.pool_seed(run_seed, t, config)
+        uploads = []
+        for k in range(clients):
+            noise = 0.1 * torch.randn(POOL_D, generator=gen, dtype=torch.float64)
+            delta = common + noise if iid else common  # (d,)
+            delta_sum += delta / clients
+            uploads.append(
+                ferret.encode_update(
+                    old,
+                    {"w": old["w"] - delta},
+                    layout,
+                    pool_seed=pool,
+                    client_seed=ferret.client_seed(run_seed, t, k),
+                    config=config,
+                )
+            )
+        table = ferret.aggregate_coefficients(uploads, [1.0 / clients] * clients)
+        rebuilt = ferret.reconstruct_update(table, layout, old, pool_seed=pool, config=config)
+        rebuilt_sum += rebuilt["w"]
+    return ((rebuilt_sum - delta_sum).norm() / delta_sum.norm()).item()
+
+
+@pytest.mark.parametrize("iid", [False, True], ids=["same-delta", "iid-deltas"])
+def test_a_fresh_pool_each_round_averages_the_projection_error_out(iid):
+    assert ferret.FerretConfig().refresh_pool  # the paper's choice is the default
+    errors = {
+        refresh: sum(_average_reconstruction_error(refresh, 50, 2, s, iid) for s in range(3)) / 3
+        for refresh in (True, False)
+    }
+    one_pool = math.sqrt(POOL_D / POOL_K)  # 2.83
+    # fresh pools: ≈ sqrt(d/(K·50)) = 0.40 (0.57 with i.i.d. Δs, which are longer)
+    assert errors[True] < 0.25 * one_pool, errors
+    # one pool for the run: every round is biased by the same basis
+    assert errors[False] > 0.7 * one_pool, errors
+
+
+def test_clients_of_one_round_share_the_pool_so_their_average_keeps_the_error():
+    for refresh in (True, False):
+        error = sum(_average_reconstruction_error(refresh, 1, 50, s, True) for s in range(3)) / 3
+        assert error > 0.7 * math.sqrt(POOL_D / POOL_K), (refresh, error)
+
+
+def test_pool_seed_is_fresh_each_round_by_default_and_fixed_in_the_reference():
+    fresh = ferret.FerretConfig()
+    assert len({ferret.pool_seed(RUN_SEED, t, fresh) for t in range(1, 6)}) == 5
+    assert len({ferret.pool_seed(RUN_SEED, t, ferret.REFERENCE) for t in range(1, 6)}) == 1

@@ -54,6 +54,38 @@ def test_converges_to_maximiser_and_regret_per_step_decreases(seed: int) -> None
     assert all(a > b for a, b in zip(regret_per_t, regret_per_t[1:], strict=False))
 
 
+def drifting_run(config: SucbConfig, pulls: int, seed: int, scenario: str) -> list[float]:
+    """Mean rewards of the played arms while the maximiser moves from (0.3, 0.7) to
+    (0.8, 0.2): at once half-way (``jump``) or linearly over the run (``steady``)."""
+    noise = random.Random(seed)
+    state = sucb_init(config)
+    means = []
+    for t in range(pulls):
+        f = (1.0 if t >= pulls // 2 else 0.0) if scenario == "jump" else t / pulls
+        centre = (0.3 + 0.5 * f, 0.7 - 0.5 * f)
+        state, arm, x = sucb_select(state, config, seed * 100_000 + t)
+        mean = math.exp(-((x[0] - centre[0]) ** 2 + (x[1] - centre[1]) ** 2) / 0.1)
+        means.append(mean)
+        state = sucb_update(state, config, arm.leaf, mean + noise.gauss(0.0, 0.1))
+    return means
+
+
+@pytest.mark.parametrize(("scenario", "pulls", "window"), [("jump", 400, 80), ("steady", 200, 200)])
+def test_discount_095_does_not_help_on_a_drifting_reward(
+    scenario: str, pulls: int, window: int
+) -> None:
+    """Why SucbConfig.discount defaults to 1 and not the spec's suggested 0.95."""
+    late = {
+        gamma: sum(
+            sum(drifting_run(SucbConfig(discount=gamma), pulls, s, scenario)[-window:]) / window
+            for s in range(3)
+        )
+        / 3
+        for gamma in (1.0, 0.95)
+    }
+    assert late[1.0] > late[0.95] + 0.1, late
+
+
 def test_finds_best_discrete_arm() -> None:
     config = SucbConfig()
     noise = random.Random(5)

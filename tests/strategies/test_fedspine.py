@@ -139,10 +139,26 @@ def test_upload_shapes_follow_the_masks_and_bad_masks_are_refused():
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="fedspine.fixed-prune-ratio must be < 1"):
         parse_run_config({"strategy.name": "fedspine", "fedspine.fixed-prune-ratio": 1.5})
-    with pytest.raises(ConfigError, match=r"must be <= lora.r=8"):
-        get_strategy("fedspine").build(F.FedSpineConfig(ranks="4,16"), fx.env(rank=8))
+    with pytest.raises(ConfigError, match=r"fedspine.fixed-rank must be <= lora.r=8"):
+        get_strategy("fedspine").build(F.FedSpineConfig(fixed_rank=16), fx.env(rank=8))
+    with pytest.raises(ConfigError, match=r"fedspine.ranks must include a rank <= lora.r=8"):
+        get_strategy("fedspine").build(F.FedSpineConfig(ranks="16,32"), fx.env(rank=8))
     with pytest.raises(ConfigError, match="devices.profile must be '' or one of"):
         parse_run_config({"devices.profile": "fast-only"})
+
+
+@pytest.mark.parametrize(
+    ("lora_r", "offered"), [(8, (2, 4, 8)), (16, (2, 4, 8, 16)), (32, (2, 4, 8, 16, 32))]
+)
+def test_default_rank_set_is_the_spec_set_clipped_to_lora_r(lora_r, offered, caplog):
+    caplog.set_level(logging.INFO, logger="fedpeft")
+    F._note_dropped_ranks.cache_clear()
+    assert F.FedSpineConfig().rank_choices() == (2, 4, 8, 16, 32)  # ALGORITHMS.md §11.4
+    fed = get_strategy("fedspine").build(F.FedSpineConfig(), fx.env(rank=lora_r))
+    assert fed.selector.sucb.ranks == offered
+    assert ("are not offered" in caplog.text) == (lora_r < 32)
+    explicit = get_strategy("fedspine").build(F.FedSpineConfig(ranks="4,16"), fx.env(rank=8))
+    assert explicit.selector.sucb.ranks == (4,)
 
 
 def _task(tmp_path, **extra):

@@ -1,11 +1,16 @@
-"""FLoRA (ALGORITHMS.md §4): exact stacking, merge into the base, fresh LoRA per round."""
+"""FLoRA (ALGORITHMS.md §4): exact stacking, merge into the base, a fresh LoRA (new A per
+client and round, B = 0) every round."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from fedpeft import get_strategy
-from fedpeft.lora.peft_io import base_delta_key, is_base_delta_key, is_lora_key
+from fedpeft import UniformSelector, get_strategy
+from fedpeft.lora.peft_io import base_delta_key, factor_keys, is_base_delta_key, is_lora_key
+from fedpeft.types import NodeInfo
 from strategies import flora
 from strategies.flora import FloraConfig
 from tests.strategies import _factories as fx
@@ -65,9 +70,11 @@ def test_clients_restart_from_a_fresh_lora_on_the_merged_base():
     assert {k for k in payload if is_base_delta_key(k)} == {base_delta_key(m) for m in fx.SHAPES}
     init = fx.adapter(7, rank=2, zero_b=True)
     start, trainable = fed.client.start(payload, init, {}, fx.plan(0, rank=2))
-    for k, v in init.items():
-        if is_lora_key(k):
-            assert torch.equal(start[k], v)  # random A, zero B: init
+    for module in fx.SHAPES:
+        a_key, b_key = factor_keys(module)
+        assert start[a_key].shape == init[a_key].shape and start[a_key].dtype == init[a_key].dtype
+        assert not torch.equal(start[a_key], init[a_key])  # a new A, not the run's initial one
+        assert torch.equal(start[b_key], torch.zeros_like(init[b_key]))  # B = 0
     assert torch.equal(start[fx.HEAD], out.tensors[fx.HEAD])
     assert torch.equal(start[base_delta_key("enc.1.q")], out.tensors[base_delta_key("enc.1.q")])
     assert trainable == frozenset(init)
@@ -97,3 +104,69 @@ def test_two_simulated_rounds_accumulate_the_merges():
 def test_registration_flags():
     fed = get_strategy("flora").build(FloraConfig(), fx.env())
     assert fed.needs_individual_updates and fed.mixed_ranks
+
+
+# --------------------------------------------------------------------------- fresh A
+NODES = [NodeInfo(node_id=900 + pid, partition_id=pid, properties={}) for pid in range(4)]
+
+
+def _round_plans(server_round, run_seed=0, rank=4):
+    """The plans the framework's default selector makes (plan.seed from the run seed,
+    round and partition id)."""
+    selector = UniformSelector(clients_per_round=len(NODES), rank=rank, seed=run_seed)
+    _, plans = selector.plan(selector.initialize(NODES), server_round, NODES)
+    return {p.partition_id: p for p in plans.values()}
+
+
+def _fresh_a(plan):
+    init = fx.adapter(7, rank=plan.rank, zero_b=True)
+    start, _ = flora.FreshLora().start({}, init, {}, plan)
+    return {m: start[factor_keys(m)[0]] for m in fx.SHAPES}, {
+        m: start[factor_keys(m)[1]] for m in fx.SHAPES
+    }
+
+
+def test_fresh_a_differs_across_clients_rounds_and_modules_and_b_is_zero():
+    a = {(t, pid): _fresh_a(p)[0] for t in (1, 2) for pid, p in _round_plans(t).items()}
+    keys = list(a)
+    for i, x in enumerate(keys):
+        for y in keys[i + 1 :]:
+            for m in fx.SHAPES:  # two clients of a round, or one client in two rounds
+                assert not torch.equal(a[x][m], a[y][m]), (x, y, m)
+    first = a[(1, 0)]
+    assert not torch.equal(first["enc.0.q"], first["enc.0.v"])  # same shape, own draw
+    for plan in _round_plans(1).values():
+        _, b = _fresh_a(plan)
+        assert all(torch.count_nonzero(v) == 0 for v in b.values())
+
+
+def test_fresh_a_is_reproducible_from_run_seed_round_and_partition():
+    # a new selector (server restart / resume) plans the same seeds: the same A
+    for t in (1, 3):
+        again = _round_plans(t)
+        for pid, plan in _round_plans(t).items():
+            mine, theirs = _fresh_a(plan)[0], _fresh_a(again[pid])[0]
+            assert all(torch.equal(mine[m], theirs[m]) for m in fx.SHAPES)
+    other_run, this_run = _round_plans(1, run_seed=1)[0], _round_plans(1)[0]
+    assert not torch.equal(_fresh_a(other_run)[0]["enc.1.q"], _fresh_a(this_run)[0]["enc.1.q"])
+
+
+@pytest.mark.parametrize(("rank", "d_in"), [(64, 512), (8, 9)])
+def test_fresh_a_follows_peft_default_init(rank, d_in):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)  # peft initialises from the global RNG
+    base = torch.nn.Sequential()
+    base.add_module("lin", torch.nn.Linear(d_in, 3))
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=8, target_modules=["lin"]))
+    peft_a = model.base_model.model.lin.lora_A["default"].weight.detach()  # (r, d_in)
+    ours = flora.fresh_lora_a((rank, d_in), seed=123)
+    bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=√5): U(±1/√d_in)
+    assert ours.shape == peft_a.shape and ours.dtype == peft_a.dtype == torch.float32
+    for a in (peft_a, ours):
+        assert a.abs().max().item() <= bound
+    if rank * d_in >= 10_000:  # enough entries for moments: var = bound²/3
+        for a in (peft_a, ours):
+            assert abs(a.var().item() / (bound**2 / 3) - 1) < 0.05
+            assert a.abs().max().item() > 0.99 * bound
+    assert torch.equal(ours, flora.fresh_lora_a((rank, d_in), seed=123))
