@@ -4,7 +4,10 @@ Commands:
 
 * ``fedpeft simulate`` — run a federated fine-tune on the Flower simulation engine
   (Ray backend) with a progress display; with no options, the embedded default
-  (4 clients, 3 rounds, MiniLM + LoRA on tweet sentiment).
+  (4 clients, 3 rounds, MiniLM + LoRA on tweet sentiment). Everything that can be
+  checked is checked before Ray starts (:mod:`fedpeft.preflight`); a results directory
+  that holds a run is refused unless ``--overwrite``; ``--resume DIR`` continues a run
+  and refuses options that would change its results (:data:`RESUME_MAY_CHANGE`).
 * ``fedpeft strategies`` — list registered strategies.
 * ``fedpeft config`` — print the resolved configuration (or the problems in it).
 * ``fedpeft compare RUN_DIR... --out REPORT_DIR`` — compare finished runs: a table,
@@ -42,31 +45,128 @@ def _env_defaults() -> None:
 
 
 def load_config_file(path: str) -> FlatConfig:
-    """A TOML run-config file (nested tables or dotted keys) as a flat dict."""
+    """A TOML run-config file (nested tables or dotted keys) as a flat dict.
+
+    Raises:
+        FedPeftError: the file is missing, a directory, unreadable or not TOML.
+    """
     file = pathlib.Path(path)
     if not file.exists():
         raise FedPeftError(f"--config: no such file {path!r}")
-    with file.open("rb") as handle:
-        return flatten_toml(tomllib.load(handle))
+    if file.is_dir():
+        raise FedPeftError(f"--config: {path!r} is a directory; expected a TOML file")
+    try:
+        with file.open("rb") as handle:
+            return flatten_toml(tomllib.load(handle))
+    except tomllib.TOMLDecodeError as err:
+        raise FedPeftError(f"--config: {path} is not valid TOML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise FedPeftError(
+            f"--config: {path} is not valid TOML: not UTF-8 text ({err.reason})"
+        ) from err
+    except OSError as err:
+        raise FedPeftError(f"--config: cannot read {path} ({err.strerror or err})") from err
+
+
+RESUME_MAY_CHANGE = (
+    "federation.rounds",  # extend a run (never below the rounds its checkpoint holds)
+    "budget.bytes",  # likewise: where the run stops, not what a round computes
+    "federation.timeout",
+    "federation.wait-for-nodes",
+    "checkpoint.every",
+    "checkpoint.resume",
+    "output.save-adapter",
+    "model.cache-dir",
+    "simulation.cpus-per-client",
+    "simulation.num-cpus",
+)
+"""Keys a resumed run may give other values than the run recorded: how long it runs,
+how long it waits, how often it checkpoints, where caches are and how many CPUs the
+engine uses. Every other key (seed, strategy and its options, model, LoRA, data,
+training, codecs, validation, faults, …) decides the numbers of the rounds still to
+run, so a different value would make one run of two configurations: it is refused.
+``output.dir`` is the run directory itself (``--out`` cannot be combined with
+``--resume``)."""
+
+
+def _recorded_config(resume: str) -> tuple[pathlib.Path, FlatConfig]:
+    """The run directory of ``--resume`` and the flat config it recorded."""
+    run_dir = pathlib.Path(resume).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise FedPeftError(f"--resume: {resume!r} is not a directory; expected a run directory")
+    recorded = run_dir / "config.json"
+    if not recorded.exists():
+        raise FedPeftError(f"--resume: {recorded} does not exist; is {resume!r} a run directory?")
+    try:
+        data = json.loads(recorded.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise FedPeftError(
+            f"--resume: {recorded} cannot be read ({err}); it is not the config a run wrote"
+        ) from err
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise FedPeftError(
+            f"--resume: {recorded} is not the config a run wrote (expected an object with a "
+            "'config' object)"
+        )
+    return run_dir, dict(data["config"])
+
+
+def _continuation(run_dir: pathlib.Path, recorded: FlatConfig, given: FlatConfig) -> FlatConfig:
+    """The config of a resumed run: the recorded one with the allowed changes of ``given``.
+
+    Raises:
+        FedPeftError: ``given`` moves the run elsewhere or changes a key outside
+            :data:`RESUME_MAY_CHANGE` (each such key is named with both values).
+    """
+    moved = "output.dir" in given and pathlib.Path(str(given["output.dir"])).expanduser()
+    if moved and moved.resolve() != run_dir:
+        raise FedPeftError(
+            f"output.dir={given['output.dir']!r} cannot be combined with --resume: a resumed run "
+            f"continues in its own directory ({run_dir}); copy that directory to continue elsewhere"
+        )
+    base = {**recorded, "output.dir": str(run_dir)}
+    flat = {**base, **given, "output.dir": str(run_dir), "checkpoint.resume": True}
+    try:
+        before = parse_run_config(base).to_flat()
+    except FedPeftError as err:
+        raise FedPeftError(
+            f"--resume: the config recorded in {run_dir / 'config.json'} is not valid: {err}"
+        ) from err
+    after = parse_run_config(flat).to_flat()
+    changed = [
+        f"{key} {before[key]!r} → {after[key]!r}"
+        for key in sorted(set(before) & set(after))
+        if before[key] != after[key] and key not in RESUME_MAY_CHANGE and key != "output.dir"
+    ]
+    if changed:
+        raise FedPeftError(
+            f"--resume {run_dir}: a resumed run continues the recorded one, so what changes its "
+            f"results cannot change (recorded → given): {'; '.join(changed)}. Only "
+            f"{', '.join(RESUME_MAY_CHANGE)} may; start a new run (--out) to change the others"
+        )
+    return flat
 
 
 def build_flat_config(args: argparse.Namespace) -> FlatConfig:
     """Config file, then the named options, then ``--set`` overrides.
 
     With ``--resume DIR`` the base is the config the interrupted run recorded in
-    ``DIR/config.json``; other options may still override it (e.g. more rounds).
+    ``DIR/config.json``; the options may change only :data:`RESUME_MAY_CHANGE` (e.g.
+    more rounds), and ``--out`` is refused.
+
+    Raises:
+        FedPeftError: an unreadable config file or recorded config, or a resume that
+            would change the run.
     """
-    flat: FlatConfig = {}
     resume = getattr(args, "resume", None)
-    if resume:
-        recorded = pathlib.Path(resume) / "config.json"
-        if not recorded.exists():
-            raise FedPeftError(f"--resume: {recorded} does not exist; is {resume!r} a run directory?")
-        flat.update(json.loads(recorded.read_text())["config"])
-        flat["checkpoint.resume"] = True
-        flat["output.dir"] = str(pathlib.Path(resume).resolve())
+    if resume and getattr(args, "out", None):
+        raise FedPeftError(
+            f"--out cannot be combined with --resume: a resumed run continues in its own "
+            f"directory ({resume}); copy that directory to continue elsewhere"
+        )
+    given: FlatConfig = {}
     if getattr(args, "config", None):
-        flat.update(load_config_file(args.config))
+        given.update(load_config_file(args.config))
     named = {
         "strategy.name": getattr(args, "strategy", None),
         "federation.rounds": getattr(args, "rounds", None),
@@ -75,9 +175,12 @@ def build_flat_config(args: argparse.Namespace) -> FlatConfig:
         "task.name": getattr(args, "task", None),
         "seed": getattr(args, "seed", None),
     }
-    flat.update({k: v for k, v in named.items() if v is not None})
-    flat.update(parse_overrides(getattr(args, "set", None) or []))
-    return flat
+    given.update({k: v for k, v in named.items() if v is not None})
+    given.update(parse_overrides(getattr(args, "set", None) or []))
+    if resume:
+        run_dir, recorded = _recorded_config(resume)
+        return _continuation(run_dir, recorded, given)
+    return given
 
 
 class RichObserver:
@@ -146,9 +249,17 @@ class RichObserver:
 def simulate(flat: FlatConfig, quiet: bool = False, verbose: bool = False) -> pathlib.Path:
     """Run a simulation with ``flat`` as the run config; return the results directory.
 
+    Ctrl-C (SIGINT) or SIGTERM stops the run within seconds (Ray and its processes
+    included), prints one ``stopped:`` line with the last checkpoint and the resume
+    command, and exits with status 130 (SIGINT) or 143 (SIGTERM) — ``SystemExit``, since
+    this is the command, not a library call. An engine failure (no ClientApp can start,
+    an actor dies) is a ``FedPeftError`` (an ``error:`` line, status 2).
+
     Raises:
-        ConfigError: before anything starts, if the config is invalid.
-        FedPeftError: if the run did not produce results.
+        ConfigError: before anything starts, if the config is invalid (including
+            ``simulation.cpus-per-client`` above the CPUs the simulation may use).
+        FedPeftError: if the run did not produce results, or the engine failed.
+        SystemExit: the run was interrupted by SIGINT (130) or SIGTERM (143).
     """
     from rich.console import Console
 
@@ -161,20 +272,31 @@ def simulate(flat: FlatConfig, quiet: bool = False, verbose: bool = False) -> pa
     out_dir = resolve_output_dir(cfg)
     flat["output.dir"] = str(out_dir)
 
+    from fedpeft.flower.engine_guard import SimulationStopped
     from fedpeft.flower.server_app import Observer
-    from fedpeft.flower.simulation import run_simulation_engine
+    from fedpeft.flower.simulation import check_resources, resume_hint, run_simulation_engine
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     console = Console(stderr=False, quiet=quiet)
     observer: Any = Observer() if quiet else RichObserver(console)
     num_cpus = cfg.simulation.num_cpus or os.cpu_count() or 1
+    check_resources(cfg, num_cpus)  # before Ray starts
     started = time.perf_counter()
     try:
-        run_simulation_engine(flat, cfg, observer, num_cpus, verbose)
-    finally:
-        if isinstance(observer, RichObserver):
-            observer.stop()
+        try:
+            run_simulation_engine(flat, cfg, observer, num_cpus, verbose)
+        finally:
+            if isinstance(observer, RichObserver):
+                observer.stop()
+    except SimulationStopped as err:
+        if not err.interrupted:
+            raise
+        print(f"stopped: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt:  # outside the engine's own signal handling
+        print(f"stopped: interrupted; {resume_hint(cfg, out_dir)}", file=sys.stderr)
+        raise SystemExit(130) from None
     summary = out_dir / "summary.json"
     if not summary.exists():
         raise FedPeftError(f"the simulation ended without results in {out_dir}; see the log above")
@@ -219,6 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim = sub.add_parser("simulate", help="run a federated fine-tune in the simulation engine")
     _add_run_options(sim)
     sim.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its checkpoint")
+    sim.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="reuse a results directory that holds a run (its files are deleted first)",
+    )
     sim.add_argument("--quiet", action="store_true", help="no progress display")
     sim.add_argument("--verbose", action="store_true", help="Flower's INFO/DEBUG logs")
     sub.add_parser("strategies", help="list registered strategies")
@@ -247,6 +374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="extra node config of the next node, repeatable (e.g. device.tier=slow)",
     )
     dep_p.add_argument("--work-dir", help="keep logs and state here (default: a temporary dir)")
+    dep_p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="reuse a results directory that holds a run (its files are deleted first)",
+    )
     cfg_p = sub.add_parser("config", help="print the resolved config as JSON")
     _add_run_options(cfg_p)
     cmp_p = sub.add_parser("compare", help="compare finished runs: table, curves, report.md")
@@ -268,7 +400,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(["simulate", *(argv or [])])
     try:
         if command == "simulate":
-            simulate(build_flat_config(args), quiet=args.quiet, verbose=args.verbose)
+            from fedpeft.preflight import prepare_run
+
+            if args.overwrite and args.resume:
+                raise FedPeftError(
+                    "--overwrite cannot be combined with --resume, which continues the run"
+                )
+            _env_defaults()
+            flat = prepare_run(build_flat_config(args), overwrite=args.overwrite)  # before Ray
+            simulate(flat, quiet=args.quiet, verbose=args.verbose)
         elif command == "strategies":
             from fedpeft.registry import available_strategies, get_strategy
 
@@ -277,19 +417,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif command == "certs":
             import ipaddress
 
-            from fedpeft.deploy.certs import generate_certs
+            from fedpeft.deploy.certs import dns_name_problem, generate_certs
 
             dns, ips = ["superlink", "localhost"], ["127.0.0.1"]
             for name in args.san or []:
                 try:
                     ips.append(str(ipaddress.ip_address(name)))
                 except ValueError:
+                    problem = dns_name_problem(name)
+                    if problem:
+                        raise FedPeftError(
+                            f"--san {name!r} is neither an IP address nor a valid DNS name: "
+                            f"{problem}"
+                        ) from None
                     dns.append(name)
             manifest = generate_certs(args.out, args.nodes, dns, ips, overwrite=args.force)
             print(f"wrote {manifest.directory} ({len(manifest.nodes)} SuperNodes; manifest.json)")
         elif command == "deploy-local":
             from fedpeft.deploy.local import deploy_local
-            from fedpeft.flower.server_app import build_strategy
+            from fedpeft.preflight import prepare_run
 
             _env_defaults()
             if args.clients is not None and args.clients != args.nodes:
@@ -298,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             flat = build_flat_config(args)
             flat["federation.clients"] = args.nodes
-            build_strategy(parse_run_config(flat))  # fail before any process starts
+            flat = prepare_run(flat, overwrite=args.overwrite)  # fail before any process starts
             node_configs = [parse_overrides(n.split(",")) for n in args.node_config or []]
             node_configs += [{}] * (args.nodes - len(node_configs))
             deploy_local(
@@ -310,7 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 node_configs=node_configs[: args.nodes],
             )
         elif command == "config":
-            print(json.dumps(parse_run_config(build_flat_config(args)).to_flat(), indent=2))
+            from fedpeft.preflight import check_config
+
+            _env_defaults()
+            print(json.dumps(check_config(build_flat_config(args)).to_flat(), indent=2))
         elif command == "compare":
             import shutil
 
@@ -326,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedPeftError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the engine started (imports, checks)
+        print("stopped: interrupted before the run started; nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -255,7 +255,9 @@ class CheckpointConfig:
         client_state: clients also save their own state (error-feedback residuals,
             private factors) under ``<dir>/clients`` so a resumed run continues
             exactly; in deployment the path is on each node's own disk.
-        resume: continue from the newest checkpoint in ``dir`` if there is one.
+        resume: continue from the newest checkpoint in ``dir`` (``fedpeft simulate
+            --resume`` sets it). A continuation, never a fresh start: the run stops
+            with an error if ``dir`` has no readable checkpoint.
     """
 
     every: int = 1

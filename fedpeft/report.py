@@ -12,13 +12,22 @@ Per run the table reports, from the rounds ``0..T`` of ``summary.json``:
   otherwise the evaluation loss (causal-lm runs report no accuracy);
 * rounds to target: the first round ``t`` with ``accuracy_t ≥ target`` (or
   ``loss_t ≤ target``); "never" when no round reaches it. The default target is
-  ``0.9 · max_runs(final accuracy)`` or ``1.1 · min_runs(final loss)``;
+  ``0.9 · max_runs(final accuracy)`` or ``1.1 · min_runs(final loss)`` over the
+  complete runs (all runs when none is complete);
 * total uplink / downlink bytes (``totals`` when present, else the sum over rounds),
   wall time ``Σ_t seconds_t``, the mean of the non-null ``aggregation_error`` values
   and ``Σ_t rejected_t``;
 * whether the run is on the Pareto front of (total uplink bytes ↓, final metric ↑
   for accuracy / ↓ for loss): no other run is at least as good on both and better
-  on one.
+  on one. Only complete runs are ranked.
+
+A run is *incomplete* when its ``summary.json`` says it ``stopped`` (a round failed,
+a client's state could not be read) or its last round is below the
+``federation.rounds`` of its ``config.json`` (it was interrupted, or is still
+running). Incomplete runs are flagged in the table (``1 of 3, interrupted``) and
+never ranked on the Pareto front: their final metric is not the run's. A run
+stopped by its byte budget (``budget.bytes``) did what it was configured to do: it
+is flagged (``2 of 3, budget``) but ranked.
 
 Runs whose configs differ only by ``seed`` (and keys that never label, see
 :data:`IGNORED_KEYS`) form a group; when some group holds two or more runs a second
@@ -82,6 +91,8 @@ class Run:
         rounds: the round records sorted by round; numeric fields validated.
         uplink_bytes: total uplink bytes of the run.
         downlink_bytes: total downlink bytes of the run.
+        configured_rounds: ``federation.rounds`` of ``config.json``, or None.
+        stopped: ``summary.json`` ``stopped`` (why the run stopped early), or None.
     """
 
     directory: pathlib.Path
@@ -92,6 +103,29 @@ class Run:
     rounds: tuple[Mapping[str, Any], ...]
     uplink_bytes: int
     downlink_bytes: int
+    configured_rounds: int | None = None
+    stopped: str | None = None
+
+    @property
+    def last_round(self) -> int:
+        """The last round with a record."""
+        return max(r["round"] for r in self.rounds)
+
+    @property
+    def status(self) -> str:
+        """``""`` (complete), ``"budget"`` (stopped by ``budget.bytes``, as configured),
+        ``"stopped"`` (stopped early by a failure) or ``"interrupted"`` (fewer rounds
+        than configured and no reason recorded)."""
+        if self.stopped is not None:
+            return "budget" if "budget.bytes" in self.stopped else "stopped"
+        if self.configured_rounds is not None and self.last_round < self.configured_rounds:
+            return "interrupted"
+        return ""
+
+    @property
+    def incomplete(self) -> bool:
+        """Stopped early or interrupted (see the module docstring); never ranked."""
+        return self.status in ("stopped", "interrupted")
 
     def series(self, key: str) -> list[tuple[int, float]]:
         """``(round, value)`` for the rounds where ``key`` is not null."""
@@ -117,6 +151,9 @@ class RunRow:
     aggregation_error: float | None
     rejected: int
     pareto: bool
+    configured_rounds: int | None = None
+    status: str = ""  # see Run.status
+    note: str = ""  # why the run stopped, for a footnote
 
 
 @dataclass(frozen=True)
@@ -145,6 +182,7 @@ class GroupRow:
     aggregation_error: Stat
     rejected: Stat
     pareto: bool  # on the front of the group means
+    incomplete: int = 0  # members that are incomplete (then the group is not ranked)
 
 
 @dataclass(frozen=True)
@@ -287,6 +325,9 @@ def load_run(directory: str | os.PathLike[str]) -> Run:
         config.update({f"codec.{k}": v for k, v in codec.items()})
 
     totals = summary.get("totals") if isinstance(summary.get("totals"), dict) else {}
+    configured = config.get("federation.rounds")
+    configured_rounds = int(configured) if str(configured).isdigit() else None
+    stopped = summary.get("stopped")
 
     def total(key: str) -> int:
         if totals.get(key) is not None:
@@ -302,6 +343,8 @@ def load_run(directory: str | os.PathLike[str]) -> Run:
         rounds=tuple(rounds),
         uplink_bytes=total("uplink_bytes"),
         downlink_bytes=total("downlink_bytes"),
+        configured_rounds=configured_rounds,
+        stopped=None if stopped is None else str(stopped),
     )
 
 
@@ -473,7 +516,8 @@ def build_report(
         raise FedPeftError("compare needs at least one run directory, got none")
     metric: Metric = "accuracy" if all(run.series("accuracy") for run in runs) else "loss"
     finals = [_last(run, metric) for run in runs]
-    present = [v for v in finals if v is not None]
+    present = [v for v, r in zip(finals, runs, strict=True) if v is not None and not r.incomplete]
+    present = present or [v for v in finals if v is not None]  # complete runs set the target
     if target is not None and not (
         math.isfinite(target) and (0.0 < target <= 1.0 if metric == "accuracy" else target > 0.0)
     ):
@@ -493,10 +537,10 @@ def build_report(
         target_note = f"{DEFAULT_LOSS_FACTOR:g} × the best final loss {min(present):.4f}"
 
     labels, group_labels = _labels(runs, label_keys)
-    scored = [
+    scored = [  # incomplete runs are never ranked
         (i, float(run.uplink_bytes), v)
         for i, (run, v) in enumerate(zip(runs, finals, strict=True))
-        if v is not None
+        if v is not None and not run.incomplete
     ]
     front = {scored[k][0] for k in pareto_front([(x, _signed(metric, v)) for _, x, v in scored])}
     rows = []
@@ -506,7 +550,7 @@ def build_report(
             RunRow(
                 label=labels[i],
                 group=group_labels[i],
-                rounds=max(r["round"] for r in run.rounds),
+                rounds=run.last_round,
                 final_accuracy=_last(run, "accuracy"),
                 best_accuracy=_best(run, "accuracy", max),
                 final_loss=_last(run, "loss"),
@@ -519,6 +563,13 @@ def build_report(
                 aggregation_error=statistics.fmean(errors) if errors else None,
                 rejected=sum(int(r["rejected"] or 0) for r in run.rounds),
                 pareto=i in front,
+                configured_rounds=run.configured_rounds,
+                status=run.status,
+                note=run.stopped or (
+                    f"rounds after {run.last_round} were never recorded (killed, or still running)"
+                    if run.status == "interrupted"
+                    else ""
+                ),
             )
         )
     return Report(
@@ -562,12 +613,13 @@ def _groups(rows: Sequence[RunRow], runs: Sequence[Run], metric: Metric) -> tupl
                 aggregation_error=stat("aggregation_error"),
                 rejected=stat("rejected"),
                 pareto=False,
+                incomplete=sum(1 for i in members if runs[i].incomplete),
             )
         )
-    scored = [
+    scored = [  # a group with an incomplete run is not ranked
         (k, g.uplink_bytes.mean or 0.0, g.final_metric.mean)
         for k, g in enumerate(groups)
-        if g.final_metric.mean is not None
+        if g.final_metric.mean is not None and not g.incomplete
     ]
     front = {scored[j][0] for j in pareto_front([(x, _signed(metric, v)) for _, x, v in scored])}
     return tuple(dataclasses.replace(g, pareto=k in front) for k, g in enumerate(groups))
@@ -588,6 +640,29 @@ def _pm(stat: Stat, spec: str = ".4f") -> str:
     return f"{format(stat.mean, spec)} ± {format(stat.std, spec)}"
 
 
+def _rounds_cell(row: RunRow) -> str:
+    """``3``, or ``1 of 3, interrupted`` / ``2 of 3, budget`` for a flagged run."""
+    if not row.status:
+        return str(row.rounds)
+    of = f" of {row.configured_rounds}" if row.configured_rounds is not None else ""
+    return f"{row.rounds}{of}, {row.status}"
+
+
+def _pareto_cell(pareto: bool, incomplete: bool) -> str:
+    return "not ranked" if incomplete else ("★" if pareto else "")
+
+
+def incomplete_notes(report: Report) -> list[str]:
+    """One line per incomplete or budget-stopped run: its label and why."""
+    out = []
+    for row in report.rows:
+        if row.status:
+            ranked = "ranked" if row.status == "budget" else "not ranked"
+            note = row.note if len(row.note) <= 200 else row.note[:199] + "…"
+            out.append(f"{row.label}: {_rounds_cell(row)} ({ranked}) — {note}")
+    return out
+
+
 def _target_header(report: Report) -> str:
     if report.target is None:
         return "rounds to target"
@@ -605,7 +680,7 @@ def run_table(report: Report) -> tuple[list[str], list[list[str]]]:
     header += ["uplink B", "downlink B", "wall s", "agg error", "rejected", "Pareto"]
     rows = []
     for row in report.rows:
-        cells = [row.label, str(row.rounds)]
+        cells = [row.label, _rounds_cell(row)]
         cells += [_f(row.final_accuracy), _f(row.best_accuracy)] if acc else [_f(row.best_loss)]
         reached = "never" if row.rounds_to_target is None else str(row.rounds_to_target)
         cells += ["—" if report.target is None else reached, _f(row.final_loss)]
@@ -616,7 +691,7 @@ def run_table(report: Report) -> tuple[list[str], list[list[str]]]:
             f"{row.seconds:.1f}",
             _f(row.aggregation_error, ".4g"),
             str(row.rejected),
-            "★" if row.pareto else "",
+            _pareto_cell(row.pareto, row.status in ("stopped", "interrupted")),
         ]
         rows.append(cells)
     return header, rows
@@ -646,7 +721,7 @@ def group_table(report: Report) -> tuple[list[str], list[list[str]]]:
             _pm(g.seconds, ".1f"),
             _pm(g.aggregation_error, ".4g"),
             _pm(g.rejected, ".1f"),
-            "★" if g.pareto else "",
+            _pareto_cell(g.pareto, g.incomplete > 0),
         ]
         rows.append(cells)
     return header, rows
@@ -695,6 +770,10 @@ def render_terminal_table(report: Report, width: int = 200) -> str:
             highlight=False,
         )
         console.print(table)
+    notes = incomplete_notes(report)
+    if notes:
+        buf.write("\nflagged runs (an incomplete run is never ranked on the Pareto front):\n")
+        buf.write("".join(f"  {line}\n" for line in notes))
     return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()).strip("\n") + "\n"
 
 
@@ -725,6 +804,16 @@ def render_markdown(report: Report, out_dir: pathlib.Path) -> str:
         "",
         _markdown_table(*run_table(report)),
     ]
+    notes = incomplete_notes(report)
+    if notes:
+        lines += [
+            "",
+            "Flagged runs — *stopped* or *interrupted* runs did not finish their configured "
+            "rounds; their final values are not the run's and they are never ranked on the "
+            "Pareto front (a *budget* stop is what the run was configured to do, and is ranked):",
+            "",
+            *(f"- {line}" for line in notes),
+        ]
     if report.groups:
         lines += [
             "",

@@ -35,6 +35,7 @@ import ipaddress
 import json
 import os
 import pathlib
+import re
 import secrets
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -178,12 +179,17 @@ def generate_certs(
             keys stop working).
 
     Raises:
-        FedPeftError: ``nodes < 1``, an invalid IP address, or a file exists and
-            ``overwrite`` is false (the message names the first such file).
+        FedPeftError: ``nodes < 1``, an invalid IP address or DNS name (see
+            :func:`dns_name_problem`), or a file exists and ``overwrite`` is false
+            (the message names the first such file).
     """
     if nodes < 1:
         raise FedPeftError(f"certs: nodes must be >= 1, got {nodes}")
     ips = _parse_ips(san_ips)
+    for name in san_dns:
+        problem = dns_name_problem(name)
+        if problem:
+            raise FedPeftError(f"certs: san_dns entry {name!r} is not a valid DNS name: {problem}")
     root = pathlib.Path(out_dir).expanduser().resolve()
     manifest = CertManifest(
         directory=root,
@@ -280,6 +286,45 @@ def _refuse_existing(root: pathlib.Path, names: Iterable[str]) -> None:
                 "certificates (pass --force / overwrite=True to replace them all — "
                 "registered public keys then stop working)"
             )
+
+
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def dns_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a DNS name in a certificate, or ``None`` if it can.
+
+    Accepted: host names of RFC 1123 (dot-separated labels of 1-63 letters, digits
+    and inner hyphens, 253 characters at most, not all-numeric at the end, so a
+    mistyped IP address is caught), optionally with a leading ``*.`` wildcard label.
+    Internationalised names must be given in their ASCII (``xn--``) form.
+    """
+    if not isinstance(name, str) or not name.strip():
+        return "it is empty"
+    if name != name.strip():
+        return "it has leading or trailing spaces"
+    if not name.isascii():
+        return "it is not ASCII (give an internationalised name in its xn-- form)"
+    if name.endswith("."):
+        return "it ends with a dot"
+    if len(name) > 253:
+        return f"it has {len(name)} characters, at most 253 are allowed"
+    labels = name.split(".")
+    if labels[0] == "*" and len(labels) > 1:
+        labels = labels[1:]
+    for label in labels:
+        if not label:
+            return "it has an empty label (two dots in a row, or a leading dot)"
+        if len(label) > 63:
+            return f"its label {label[:20]!r}… has {len(label)} characters, at most 63 are allowed"
+        if not _LABEL.fullmatch(label):
+            return (
+                f"its label {label!r} may hold only letters, digits and inner hyphens "
+                "(a '*' wildcard only as the whole first label)"
+            )
+    if labels[-1].isdigit():
+        return "it ends in an all-numeric label (a mistyped IP address?)"
+    return None
 
 
 def _parse_ips(values: Iterable[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:

@@ -34,7 +34,13 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.aggregation.robust import clip_update, outliers, update_norm
-from fedpeft.checkpoint import load_latest, save_checkpoint
+from fedpeft.checkpoint import (
+    check_client_states,
+    client_state_problem,
+    keep_details_until,
+    load_for_resume,
+    save_checkpoint,
+)
 from fedpeft.codecs import CodecContext, build_codec
 from fedpeft.codecs.base import Chain, CodecState
 from fedpeft.config import RunConfig, parse_run_config
@@ -77,6 +83,11 @@ class RoundFailed(FedPeftError):
 
 class BudgetExhausted(FedPeftError):
     """The next round would exceed ``budget.bytes``."""
+
+
+class ClientStateUnreadable(RoundFailed):
+    """A client could not read its saved state: the run stops (the client is not
+    dropped), since it cannot continue exactly without that state."""
 
 
 class Observer:
@@ -504,6 +515,9 @@ class FlowerStrategyAdapter(Strategy):
                 failed.append(plan)
                 continue
             if reply.has_error():
+                unreadable = client_state_problem(str(reply.error.reason))
+                if unreadable is not None:
+                    raise ClientStateUnreadable(f"node {node_id}: {unreadable}")
                 info.failed += 1
                 reason = f"node {node_id} replied with an error: {reply.error.reason}"
                 info.reasons.append(reason)
@@ -853,6 +867,13 @@ def run_server(
     out_dir = resolve_output_dir(cfg)
     cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out_dir)))
     out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = checkpoint_dir(cfg)
+    details_path = out_dir / "details.jsonl"
+    resumed = None
+    if cfg.checkpoint.resume:  # a continuation: its checkpoint must exist and be readable
+        resumed = load_for_resume(ckpt_dir, cfg.federation.rounds)
+        check_client_states(ckpt_dir, resumed.server_round)
+        keep_details_until(details_path, resumed.server_round)
     write_config(out_dir, cfg.to_flat(), cfg.seed)
     task = get_task(cfg)
     model = task.model(cfg.lora.max_rank)
@@ -866,9 +887,6 @@ def run_server(
     results.extra.update({"seed": cfg.seed, "clients": len(nodes), "codec": {"uplink": uplink.name, "downlink": downlink.name}})
     split = task.split_summary(cfg.federation.clients)
     results.extra["split"] = split
-    ckpt_dir = checkpoint_dir(cfg)
-    details_path = out_dir / "details.jsonl"
-    resumed = load_latest(ckpt_dir) if cfg.checkpoint.resume else None
     if resumed is not None:
         adapter.restore(resumed.server_round, resumed.global_tensors, resumed.states, resumed.meta["ledger"])
         results.rounds = list(resumed.meta["results"])

@@ -15,17 +15,32 @@ unchanged). If the link state does not look as expected, the original runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import pathlib
+import shlex
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from queue import Queue
 from typing import Any
 
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedpeft.config import RunConfig
+from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.flower.client_app import make_client_app
-from fedpeft.flower.server_app import Observer, make_server_app
+from fedpeft.flower.engine_guard import (
+    EngineGuard,
+    EngineStopped,
+    GuardedGrid,
+    loopback_ray,
+    ray_hooks,
+    root_cause,
+)
+from fedpeft.flower.server_app import Observer, checkpoint_dir, make_server_app, resolve_output_dir
 
 log = logging.getLogger("fedpeft")
 
@@ -85,28 +100,188 @@ def fast_extractor() -> Iterator[None]:
         vce_api.add_messages_to_queue = original  # type: ignore[assignment]
 
 
+def check_resources(cfg: RunConfig, num_cpus: int) -> None:
+    """Refuse, before Ray starts, a ClientApp that needs more CPUs than the simulation has.
+
+    Ray would start, build an empty actor pool (``ActorPool is empty``) and leave the
+    ServerApp waiting for replies until the timeout.
+
+    Raises:
+        ConfigError: ``simulation.cpus-per-client`` is more than ``num_cpus``.
+    """
+    if cfg.simulation.cpus_per_client > num_cpus:
+        source = (
+            f"simulation.num-cpus={cfg.simulation.num_cpus}"
+            if cfg.simulation.num_cpus
+            else "all cores of this machine (simulation.num-cpus=0)"
+        )
+        raise ConfigError(
+            f"simulation.cpus-per-client ({cfg.simulation.cpus_per_client}) is more than the "
+            f"{num_cpus} CPUs the simulation may use ({source}); no client could start. "
+            f"Lower simulation.cpus-per-client to at most {num_cpus}"
+        )
+
+
 def backend_config(cfg: RunConfig, num_cpus: int) -> dict[str, Any]:
     """The Ray backend config: ``simulation.cpus-per-client`` CPUs per ClientApp
-    actor out of ``num_cpus`` (2 cores, 1 per client → two clients train at once)."""
+    actor out of ``num_cpus`` (2 cores, 1 per client → two clients train at once).
+
+    Ray always starts a new local instance (``address="local"``: never joins a cluster
+    named by ``RAY_ADDRESS``), with no dashboard, on the loopback address (see
+    :func:`~fedpeft.flower.engine_guard.loopback_ray` for why the address alone is not
+    enough).
+    """
     return {
         "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": num_cpus, "include_dashboard": False},
+        "init_args": {
+            "num_cpus": num_cpus,
+            "include_dashboard": False,
+            "address": "local",
+            "_node_ip_address": "127.0.0.1",
+        },
     }
 
 
+def resume_hint(cfg: RunConfig, out_dir: pathlib.Path) -> str:
+    """Where the last complete checkpoint of a stopped run is and how to resume it."""
+    if not cfg.checkpoint.every:
+        return (
+            "checkpoint.every is 0, so there is no checkpoint to resume from; "
+            f"partial results are in {out_dir}"
+        )
+    ckpt = checkpoint_dir(
+        dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out_dir)))
+    )
+    try:
+        name = (ckpt / "LATEST").read_text().strip()
+        done = int(name.rsplit("-", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return (
+            "no round had completed, so there is no checkpoint; "
+            "run the same command again to start over"
+        )
+    return (
+        f"the last complete checkpoint is round {done} of {cfg.federation.rounds} ({ckpt / name}); "
+        f"resume with: fedpeft simulate --resume {shlex.quote(str(out_dir))}"
+    )
+
+
+def guarded_server_app(
+    flat: Mapping[str, Any], observer: Observer, guard: EngineGuard
+) -> ServerApp:
+    """:func:`~fedpeft.flower.server_app.make_server_app`'s app, run on a
+    :class:`~fedpeft.flower.engine_guard.GuardedGrid` (so it ends when ``guard`` stops)."""
+    inner = make_server_app(flat, observer)
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        guard.server_thread = threading.current_thread()
+        inner(grid=GuardedGrid(grid, guard), context=context)
+
+    return app
+
+
+_FLWR_ENGINE_ERROR = "An error was encountered. Ending simulation."
+
+
 def run_simulation_engine(
-    flat: Mapping[str, Any], cfg: RunConfig, observer: Observer, num_cpus: int, verbose: bool
+    flat: Mapping[str, Any],
+    cfg: RunConfig,
+    observer: Observer,
+    num_cpus: int,
+    verbose: bool,
+    grace: float = 15.0,
 ) -> None:
     """Run the ServerApp and ``cfg.federation.clients`` virtual SuperNodes.
 
     ``run_simulation`` passes no run config to the apps, so ``flat`` is bound into both
     (see :func:`~fedpeft.flower.server_app.make_server_app`).
+
+    Stopping (see :mod:`fedpeft.flower.engine_guard`): SIGINT/SIGTERM (when called from
+    the main thread), an engine that fails, or a ClientApp actor that dies ends the run
+    within seconds: the ServerApp thread leaves at its next grid call, Ray is shut down,
+    the run's processes are killed if still alive, and :class:`SimulationStopped` is
+    raised with the last checkpoint and the resume command. If that orderly stop takes
+    longer than ``grace`` seconds, the process exits (``os._exit``) with the same line.
+
+    Raises:
+        ConfigError: ``simulation.cpus-per-client`` is more than ``num_cpus``.
+        SimulationStopped: the run was interrupted (``exit_code`` 130/143) or the engine
+            failed (``exit_code`` 2).
+        FedPeftError: the ServerApp stopped with an error (e.g. a round failed).
     """
-    with fast_extractor():
-        run_simulation(
-            server_app=make_server_app(flat, observer),
-            client_app=make_client_app(flat),
-            num_supernodes=cfg.federation.clients,
-            backend_config=backend_config(cfg, num_cpus),  # type: ignore[arg-type]
-            verbose_logging=verbose,
+    check_resources(cfg, num_cpus)
+    out_dir = pathlib.Path(flat.get("output.dir") or resolve_output_dir(cfg))
+    guard = EngineGuard(grace=grace, hint=lambda: resume_hint(cfg, out_dir))
+    guard.install_signal_handlers()
+    try:
+        with guard.subreaper():
+            _run_guarded(flat, cfg, observer, num_cpus, verbose, guard)
+            if guard.stopping:
+                _stop_engine(guard)  # our handlers stay: a second signal exits at once
+    finally:
+        guard.restore_signal_handlers()
+    if guard.stopping:
+        raise guard.as_error()
+
+
+def _run_guarded(
+    flat: Mapping[str, Any],
+    cfg: RunConfig,
+    observer: Observer,
+    num_cpus: int,
+    verbose: bool,
+    guard: EngineGuard,
+) -> None:
+    """``run_simulation`` under ``guard``; an interruption or engine failure is turned
+    into a stop request (``guard.stopping``) instead of an exception."""
+    try:
+        with loopback_ray(), ray_hooks(guard, verbose), fast_extractor():
+            run_simulation(
+                server_app=guarded_server_app(flat, observer, guard),
+                client_app=make_client_app(flat),
+                num_supernodes=cfg.federation.clients,
+                backend_config=backend_config(cfg, num_cpus),  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
+    except KeyboardInterrupt:
+        # our handlers raise EngineInterrupt (a KeyboardInterrupt) after recording why;
+        # anything else (a handler we did not install) is a plain interruption
+        guard.stop("interrupted", 130, interrupted=True)
+    except SystemExit as err:  # flwr_exit (e.g. the ray extra missing)
+        guard.stop(f"the simulation engine exited (status {err.code})", 2, interrupted=False)
+    except EngineStopped:
+        pass  # the ServerApp thread saw the stop; guard.request says why
+    except FedPeftError:
+        if not guard.stopping:
+            raise  # the ServerApp's own error (e.g. a round failed); it has ended
+    except Exception as err:  # noqa: BLE001 - the engine's failures become one error line
+        server_alive = guard.server_thread is not None and guard.server_thread.is_alive()
+        if not guard.stopping and str(err) != _FLWR_ENGINE_ERROR and not server_alive:
+            raise  # a bug in the ServerApp, which has ended: keep the traceback
+        cause = root_cause(err)
+        guard.stop(
+            f"the simulation engine failed: {type(cause).__name__}: {str(cause).strip()[:300]}",
+            2,
+            interrupted=False,
         )
+
+
+def _stop_engine(guard: EngineGuard) -> None:
+    """Shut Ray down, wait for the run's threads, kill the run's processes still alive."""
+    deadline = time.monotonic() + max(1.0, guard.grace - 5.0)
+    guard.remember_processes()  # before Ray's shutdown orphans any of them
+    try:
+        import ray
+
+        ray.shutdown()  # idempotent; the engine's own ``finally`` usually did it already
+    except Exception as err:  # noqa: BLE001 - cleanup goes on regardless
+        log.debug("ray.shutdown failed while stopping: %s", err)
+    stuck = guard.join_threads(deadline)
+    killed = guard.reap()
+    if killed:
+        log.debug("killed %d leftover processes: %s", len(killed), ", ".join(killed))
+    if stuck:
+        log.warning("threads still running after the stop: %s", ", ".join(stuck))
+    guard.done(stuck)
