@@ -7,10 +7,75 @@ with weights ``p_k``::
     Ā  = Σ_k p_k A_k            # (r, d_in)
     B̄  = Σ_k p_k B_k            # (d_out, r)
     ΔW = Σ_k p_k B_k A_k        # (d_out, d_in), never formed
-    ΔB* = argmin_ΔB  1 − cos(ΔW, (B̄ + ΔB) Ā) + λ ‖ΔB‖_F
+    ΔB* = argmin_ΔB  S(ΔW, (B̄ + ΔB) Ā) + λ ‖ΔB‖      (paper; λ = 0.01)
 
 and every client starts the next round from ``(Ā, B̄ + ΔB*)``; the base weight is not
 touched and the wire cost is FedIT's.
+
+**Objectives** (``objective``; ``B' = B̄ + ΔB``, FedIT's product ``B̄Ā``):
+
+* ``"fro-no-shrink"`` (default): the ``"fro"`` solution, then, in a layer where
+  ``0 < ‖B'Ā‖ < ‖B̄Ā‖``, ``B'`` scaled by ``‖B̄Ā‖ / ‖B'Ā‖``. For λ = 0 this is exactly the
+  product closest to ``ΔW`` among the reachable ones (``XĀ``) that are not shorter
+  than FedIT's: the projection ``Y = ΔW Āᵀ(ĀĀᵀ)⁺Ā`` if ``‖Y‖ ≥ ‖B̄Ā‖``, else ``Y``
+  moved radially onto that sphere; its error is never above FedIT's:
+  ``‖ΔW − sY‖² = ‖ΔW‖² − ‖Y‖² + (‖B̄Ā‖ − ‖Y‖)² ≤ ‖ΔW‖² − ‖Y‖² + ‖Y − B̄Ā‖²``
+  (``s = ‖B̄Ā‖/‖Y‖``; reverse triangle inequality), the right side being FedIT's.
+  With λ > 0 the ridge step is slightly shorter and this bound is not proved; it held
+  in all 76 problems of the table below.
+* ``"fro"``: ``‖B'Ā − ΔW‖_F² + λ‖ΔB‖_F²``, closed form
+  ``ΔB = (G − B̄S_A)(S_A + λI)⁺`` (ridge regression; λ → 0 gives ``Y``). Its minimum is
+  at most its value at ΔB = 0, so the error never exceeds FedIT's, but ``Y`` can be
+  shorter than ``B̄Ā`` (the table: 8 of 36 shared-start problems, by < 0.1 %).
+* ``"residual"``: ``‖B'Ā − ΔW‖_F + λ‖ΔB‖_F`` (``λ‖ΔB‖²`` with ``norm="squared"``),
+  by the gradient-descent solver below; error never above FedIT's either.
+* ``"cosine"``: ``1 − cos(ΔW, B'Ā) + λ‖ΔB‖_F``, ALGORITHMS.md §8's reading of S.
+* ``"cosine-rescaled"``: the ``"cosine"`` solution ``B'_c``, then ``B' = s·B'_c`` with
+  ``s = ‖ΔW‖ / ‖B'_cĀ‖`` per layer, so ``‖B'Ā‖ = ‖ΔW‖`` with cosine's direction.
+
+The rescalings act on the corrected factor (A for ``placement="a"``, B for ``"b"`` and
+``"both"``) and skip the layers the guards leave alone. Units of λ: in the ``fro``
+objectives both terms scale as ``‖B‖²`` and in ``residual`` as ``‖B‖``, so λ does
+not depend on the scale of B; it is compared with the eigenvalues of ``S_A = ĀĀᵀ``
+(about 1/3 for rows of LoRA's Kaiming-uniform A) and shrinks the ridge step by
+about ``λ/(λ + σ²)``. In the cosine objectives λ is in the units of B (see
+``scale_free``, meant for them).
+
+**Why the default is not the paper's cosine.** The paper's S could not be verified:
+its method section was not readable here (only the abstract and introduction of the
+arXiv HTML were), and the authors' code (``jmbian/LoRA-FAIR``) was not available. A
+secondary summary (paper notes, ICCV 2025) names S "cosine similarity" with
+``λ‖ΔB‖`` and λ = 0.01, solved by SGD; two third-party re-implementations (not the
+authors') minimise ``1 − cos`` (one over the flattened product; one per column,
+averaged, from a Xavier-initialised ΔB, SGD lr 0.01) plus ``λ‖ΔB‖²`` by SGD. Cosine is
+scale-invariant: it fixes the direction of ``B'Ā`` and leaves its length to the
+regulariser, which pulls ``B'`` back toward ``B̄`` and, with λ absolute, more so the
+larger B is. Measured with ``simulations/bench_lora_fair_objectives.py`` (pooled
+metrics of every problem, then means; ``ok``: problems with error below FedIT's
+*and* ``‖B'Ā‖ ≥ ‖B̄Ā‖``; 36 random problems per family: B entries of scale 1e-4,
+1e-3, 1e-2 and 1e-1, (clients, rank) in (2, 8), (4, 16), (8, 4), seeds 0–2, four
+layers; real: the uploads of rounds 1 and 2 (round 2 from FedIT's aggregate) of 4
+clients on the embedded task, MiniLM, Dirichlet α = 0.1 and 0.5, seed 42, 30 local
+steps, batch 16, lr 5e-4; error
+``‖ΔW − B'Ā‖/‖ΔW‖``, ratio ``‖B'Ā‖/‖ΔW‖``)::
+
+    objective          random, independent     random, shared start    real (4 rounds)
+                       err    ratio  ok        err    ratio  ok        err    ratio  ok
+    FedIT (B̄Ā)         0.769  0.557            0.104  0.994            0.208  0.952
+    fro-no-shrink      0.680  0.672  36/36     0.093  0.996  36/36     0.198  0.977  4/4
+    fro                0.680  0.672  36/36     0.093  0.996  28/36     0.198  0.977  4/4
+    residual           0.678  0.683  36/36     0.093  0.996  28/36     0.198  0.976  4/4
+    cosine             0.711  0.560  17/36     0.094  0.993  17/36     0.201  0.950  0/4
+    cosine-rescaled    0.748  1.000  24/36     0.094  1.000  36/36     0.199  1.000  4/4
+    fro, λ = 0         0.677  0.699  36/36     0.093  0.996  28/36     0.198  0.977  4/4
+
+On the independent problems ``cosine`` shrinks the product below FedIT's at B scale
+1e-2 and 1e-1 (ratio 0.478 and 0.462 against 0.557; 0/9 ok each) and not at 1e-4
+(0.696): its ok count depends on the scale of B, the ``fro`` objectives' does not.
+``cosine-rescaled`` overshoots the length where cos stays low (its error
+``‖ΔW‖·sqrt(2(1 − cos))`` exceeded FedIT's in 12 of 36). ``fro-no-shrink`` meets both
+conditions everywhere, with the ``fro``/least-squares error, in closed form (no
+iterations).
 
 **Factored objective (memory-free).** With ``B' = B̄ + ΔB``, ``S_A = ĀĀᵀ`` (r×r),
 ``G = ΔW Āᵀ = Σ_k p_k B_k (A_k Āᵀ)`` (m×r) and the constant
@@ -18,6 +83,7 @@ touched and the wire cost is FedIT's.
 
     cos = ⟨G, B'⟩ / (‖ΔW‖ · sqrt(tr(B'ᵀB' S_A)))
     ∂cos/∂B' = G / (‖ΔW‖ ‖B'Ā‖) − ⟨G, B'⟩ · B' S_A / (‖ΔW‖ ‖B'Ā‖³)
+    ‖ΔW − B'Ā‖² = ‖ΔW‖² − 2⟨G, B'⟩ + tr(B'ᵀB' S_A),   ∂/∂B' = 2(B'S_A − G)
 
 Every gradient-descent iterate stays in the column span of ``[G, B̄]`` (the gradient
 is ``G·α + B'S_A·β + ΔB·γ``), so the solver runs exactly in that ``2r``-dimensional
@@ -36,19 +102,20 @@ Barzilai–Borwein step ``⟨s,s⟩/⟨s,y⟩`` of the last move, halved until t
 condition holds, so every accepted step decreases the objective), at most
 ``max_iters`` iterations, stop when the relative objective change is below ``tol``
 or no step decreases the objective. The sub-gradient of ``‖ΔB‖`` at 0 is taken as 0.
-Since the objective never increases and ``λ‖ΔB‖ ≥ 0``, ``cos`` never decreases.
+Since the objective never increases and ``λ‖ΔB‖ ≥ 0``, ``cos`` (``cosine``) and
+``‖ΔW − B'Ā‖`` (``residual``) never get worse than FedIT's.
 
-**Options** (ALGORITHMS.md §8 proposals). ``norm="squared"`` uses ``λ‖ΔB‖²``;
-``scale_free`` divides the regulariser by ``‖B̄‖`` (``‖B̄‖²`` when squared; absolute λ
-when ``B̄ = 0``); ``objective="fro"`` is the closed form of
-``‖(B̄+ΔB)Ā − ΔW‖² + λ‖ΔB‖²``, ``ΔB = (G − B̄S_A)(S_A + λI)⁺`` (always the squared
-regulariser); ``placement="a"`` corrects A instead (the same problem transposed),
-``"both"`` alternates a B-step and an A-step (inexact block-coordinate descent, at
-most :data:`MAX_SWEEPS` sweeps sharing the ``max_iters`` budget of each factor).
+**Options** (ALGORITHMS.md §8 proposals). ``norm="squared"`` uses ``λ‖ΔB‖²`` (the
+``fro`` objectives always do); ``scale_free`` divides the regulariser by ``‖B̄‖``
+(``‖B̄‖²`` when squared; absolute λ when ``B̄ = 0``); ``placement="a"`` corrects A
+instead (the same problem transposed), ``"both"`` alternates a B-step and an A-step
+(inexact block-coordinate descent, at most :data:`MAX_SWEEPS` sweeps sharing the
+``max_iters`` budget of each factor).
 
 **Guards.** One client with non-zero weight: no correction (the result is exactly
-FedIT's). A layer with ``‖ΔW‖ ≈ 0`` or ``‖B̄Ā‖ ≈ 0`` (``Ā = 0`` in the scalar
-counterexample of §1) is left uncorrected and counted in
+FedIT's). For the cosine objectives a layer with ``‖ΔW‖ ≈ 0`` or ``‖B̄Ā‖ ≈ 0`` (``Ā = 0``
+in the scalar counterexample of §1), for the others a layer with ``Ā ≈ 0`` or with
+both ``‖ΔW‖ ≈ 0`` and ``‖B̄Ā‖ ≈ 0``, is left uncorrected and counted in
 ``lora_fair/degenerate_layers``.
 
 **Mixed ranks.** Every client is zero-padded to the global rank with the scaling
@@ -58,9 +125,11 @@ scaling; averaging and correction then run at the global rank and a client of ra
 The paper assumes one rank.
 
 Metrics (all layers pooled): ``lora_fair/cosine_before``, ``cosine_after``,
-``relative_error_before``, ``relative_error_after``, ``objective_before``,
-``objective_after`` (layer means), ``iterations`` (mean), ``iterations_max``,
-``delta_b_norm`` / ``delta_a_norm`` (``‖ΔB‖/‖B̄‖``), ``degenerate_layers``.
+``relative_error_before``, ``relative_error_after`` (``‖ΔW − B̄Ā‖/‖ΔW‖`` and
+``‖ΔW − B'Ā‖/‖ΔW‖``), ``norm_ratio_before`` and ``norm_ratio`` (``‖B̄Ā‖/‖ΔW‖`` and
+``‖B'Ā‖/‖ΔW‖``), ``objective_before``, ``objective_after`` (layer means, at the returned
+point), ``iterations`` (mean), ``iterations_max``, ``delta_b_norm`` / ``delta_a_norm``
+(``‖ΔB‖/‖B̄‖``), ``degenerate_layers``.
 """
 
 from __future__ import annotations
@@ -89,7 +158,8 @@ from fedpeft.lora.peft_io import factor_keys
 
 PLACEMENTS = ("b", "a", "both")
 NORMS = ("fro", "squared")
-OBJECTIVES = ("cosine", "fro")
+OBJECTIVES = ("fro-no-shrink", "fro", "residual", "cosine", "cosine-rescaled")
+_FRO = ("fro", "fro-no-shrink")  # the closed-form ridge (then floored, for the second)
 MAX_SWEEPS = 10
 """Block-coordinate sweeps of ``placement="both"``; each B- or A-step gets
 ``ceil(max_iters / MAX_SWEEPS)`` iterations, so each factor gets at most ``max_iters``."""
@@ -103,11 +173,13 @@ class LoraFairConfig:
     """Options of ``lora-fair`` (run-config section ``lora-fair``).
 
     Attributes:
-        lam: regularisation weight λ (paper: 0.01).
+        lam: regularisation weight λ (paper: 0.01; its units depend on the objective,
+            module doc).
         placement: which factor is corrected: ``"b"`` (paper), ``"a"`` or ``"both"``.
         norm: ``"fro"`` for ``λ‖ΔB‖_F`` or ``"squared"`` for ``λ‖ΔB‖_F²``.
         scale_free: use ``λ‖ΔB‖/‖B̄‖`` so λ does not depend on the scale of B.
-        objective: ``"cosine"`` (``S = 1 − cos``) or ``"fro"`` (closed-form ridge).
+        objective: one of :data:`OBJECTIVES` (module doc); default ``"fro-no-shrink"``
+            (the paper's S, read as cosine in ALGORITHMS.md §8, is ``"cosine"``).
         max_iters: gradient-descent iterations per layer (and per sweep).
         tol: stop when the relative objective change is below this.
         equal_weights: weight clients equally instead of by example count.
@@ -117,7 +189,7 @@ class LoraFairConfig:
     placement: str = "b"
     norm: str = "fro"
     scale_free: bool = False
-    objective: str = "cosine"
+    objective: str = "fro-no-shrink"
     max_iters: int = 200
     tol: float = 1e-8
     equal_weights: bool = False
@@ -159,7 +231,9 @@ class FairProblem:
         target2: ``‖T‖_F²``, ``(L,)``.
         lam: effective λ per entry, ``(L,)``.
         squared: squared regulariser.
-        objective: ``"cosine"`` or ``"fro"``.
+        objective: one of :data:`OBJECTIVES` (``"cosine-rescaled"`` is solved as
+            ``"cosine"`` and ``"fro-no-shrink"`` as ``"fro"``; their final scaling is
+            :meth:`rescaled`).
     """
 
     g: torch.Tensor
@@ -190,25 +264,51 @@ class FairProblem:
         safe = torch.where(self.target2 > 0, self.target2, 1.0)
         return torch.where(self.target2 > 0, (err2 / safe).sqrt(), 0.0)
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``‖T − (L̄+X)R̄‖_F`` per entry."""
+        inner, norm2 = self.parts(x)
+        return (self.target2 - 2.0 * inner + norm2).clamp_min(0.0).sqrt()
+
+    def rescaled(
+        self, x: torch.Tensor, goal2: torch.Tensor, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``X'`` with ``L̄ + X' = s (L̄ + X)``, ``s = sqrt(goal2 / ‖(L̄+X)R̄‖²)``, so that
+        ``‖(L̄+X')R̄‖² = goal2`` (entries where a norm vanishes, or not ``active``, keep
+        ``X``)."""
+        _, norm2 = self.parts(x)
+        ok = (norm2 > 0) & (goal2 > 0)
+        if active is not None:
+            ok = ok & active
+        scale = (goal2 / torch.where(ok, norm2, 1.0)).sqrt()  # (L,)
+        moved = scale[:, None, None] * (self.base + x) - self.base  # (L, k, r)
+        return torch.where(ok[:, None, None], moved, x)
+
     def regulariser(self, x: torch.Tensor) -> torch.Tensor:
         """``λ‖X‖`` (or ``λ‖X‖²``) per entry."""
         sq = (x * x).sum((-2, -1))
-        squared = self.squared or self.objective == "fro"
+        squared = self.squared or self.objective in _FRO
         return self.lam * (sq if squared else sq.sqrt())
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
         """The objective per entry."""
-        if self.objective == "fro":
+        if self.objective in _FRO:
             inner, norm2 = self.parts(x)
             return self.target2 - 2.0 * inner + norm2 + self.regulariser(x)
+        if self.objective == "residual":
+            return self.residual(x) + self.regulariser(x)
         return 1.0 - self.cosine(x) + self.regulariser(x)
 
     def grad(self, x: torch.Tensor) -> torch.Tensor:
         """Analytic gradient of :meth:`value` with respect to ``X`` (``(L, k, r)``)."""
         bp = self.base + x  # (L, k, r)
         bs = bp @ self.gram  # (L, k, r) @ (L, r, r)
-        if self.objective == "fro":
+        if self.objective in _FRO:
             return 2.0 * (bs - self.g) + 2.0 * self.lam[:, None, None] * x
+        if self.objective == "residual":  # ∂‖R‖/∂X = (L'S − G)/‖R‖, 0 where R = 0
+            res = self.residual(x)
+            ok = res > 0
+            dres = (bs - self.g) / torch.where(ok, res, 1.0)[:, None, None]
+            return torch.where(ok[:, None, None], dres, 0.0) + self._regulariser_grad(x)
         inner, norm2 = self.parts(x)
         w = self.target2.sqrt()
         q = norm2.clamp_min(0.0).sqrt()
@@ -217,16 +317,18 @@ class FairProblem:
         q2 = torch.where(ok, norm2, 1.0)
         dcos = self.g / wq[:, None, None] - (inner / (wq * q2))[:, None, None] * bs
         dcos = torch.where(ok[:, None, None], dcos, 0.0)
+        return -dcos + self._regulariser_grad(x)
+
+    def _regulariser_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """Gradient of :meth:`regulariser` (the zero sub-gradient at ``X = 0``)."""
         if self.squared:
-            dreg = 2.0 * self.lam[:, None, None] * x
-        else:
-            nx = x.flatten(1).norm(dim=1)  # (L,)
-            dreg = torch.where(
-                (nx > 0)[:, None, None],
-                self.lam[:, None, None] * x / torch.where(nx > 0, nx, 1.0)[:, None, None],
-                0.0,
-            )
-        return -dcos + dreg
+            return 2.0 * self.lam[:, None, None] * x
+        nx = x.flatten(1).norm(dim=1)  # (L,)
+        return torch.where(
+            (nx > 0)[:, None, None],
+            self.lam[:, None, None] * x / torch.where(nx > 0, nx, 1.0)[:, None, None],
+            0.0,
+        )
 
     def reduce(self, x0: torch.Tensor | None = None) -> tuple[FairProblem, torch.Tensor | None]:
         """The same problem in an orthonormal basis ``Q`` of ``span[G, L̄, X0]``.
@@ -285,7 +387,7 @@ def build_problem(
     """
     g = left_stack @ (right_stack @ right.mT)  # (L, m, K) @ ((L, K, n) @ (L, n, r))
     gram = right @ right.mT  # (L, r, n) @ (L, n, r)
-    squared = config.norm == "squared" or config.objective == "fro"
+    squared = config.norm == "squared" or config.objective in _FRO
     lam = torch.full_like(target2, config.lam)
     if config.scale_free:
         nb = base.flatten(1).norm(dim=1)  # (L,)
@@ -388,12 +490,32 @@ def solve_cosine(
 def _solve(
     problem: FairProblem, x0: torch.Tensor | None, active: torch.Tensor, config: LoraFairConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if config.objective == "fro":
+    if config.objective in _FRO:
         x = solve_fro(problem)
         start = torch.zeros_like(x) if x0 is None else x0
         steps = active.to(torch.int64)
         return torch.where(active[:, None, None], x, start), steps
     return solve_cosine(problem, x0, active, config.max_iters, config.tol)
+
+
+def _rescale(
+    problem: FairProblem,
+    x: torch.Tensor,
+    fedit2: torch.Tensor,
+    active: torch.Tensor,
+    config: LoraFairConfig,
+) -> torch.Tensor:
+    """The final scaling of the corrected factor (module doc, "Objectives").
+
+    ``cosine-rescaled``: ``‖L'R̄‖ = ‖ΔW‖``; ``fro-no-shrink``: ``‖L'R̄‖`` raised to FedIT's
+    ``fedit2 = ‖B̄Ā‖²`` when it is below it; the other objectives: ``x`` unchanged.
+    """
+    if config.objective == "cosine-rescaled":
+        return problem.rescaled(x, problem.target2, active)
+    if config.objective == "fro-no-shrink":
+        _, norm2 = problem.parts(x)
+        return problem.rescaled(x, torch.maximum(norm2, fedit2), active)
+    return x
 
 
 # -- the aggregator ---------------------------------------------------------------------
@@ -524,7 +646,7 @@ class LoraFairAggregator:
             size = max(1, _CHUNK_BYTES // max(per_layer, 1))
             for start in range(0, len(modules), size):
                 chunk = self._setup(new, modules[start : start + size], clients, weights)
-                if cfg.placement == "both" or cfg.objective == "fro":
+                if cfg.placement == "both" or cfg.objective in _FRO:
                     totals = self._finish(new, chunk, self._solve_now(chunk), totals)
                     continue
                 problem = chunk.problem_b if cfg.placement == "b" else _problem_a(chunk, cfg)
@@ -540,6 +662,10 @@ class LoraFairAggregator:
             joined = _concat([small.to(torch.float64) for _, small, _ in parts])
             active = torch.cat([chunk.active for chunk, _, _ in parts])
             xs, steps = solve_cosine(joined, None, active, cfg.max_iters, cfg.tol)
+            changed = steps > 0
+            if cfg.objective == "cosine-rescaled":
+                xs = _rescale(joined, xs, joined.parts(torch.zeros_like(xs))[1], active, cfg)
+                changed = active
             inner1, norm1 = joined.parts(xs)
             obj1 = joined.value(xs)
             offset = 0
@@ -548,7 +674,7 @@ class LoraFairAggregator:
                 offset = sl.stop
                 x = xs[sl, : small.base.shape[1]].to(small.base.dtype)  # drop padded rows
                 x = q @ x if q is not None else x  # (L, m, c) @ (L, c, r)
-                x = torch.where((steps[sl] > 0)[:, None, None], x, 0.0)
+                x = torch.where(changed[sl][:, None, None], x, 0.0)
                 zero_b, zero_a = torch.zeros_like(chunk.b_bar), torch.zeros_like(chunk.a_bar.mT)
                 result = _Result(
                     db=x if cfg.placement == "b" else zero_b,
@@ -591,11 +717,13 @@ class LoraFairAggregator:
         target2 = product_norm2(b_stack, a_stack)  # (L,) ‖ΔW‖²
         problem_b = build_problem(b_stack, a_stack, b_bar, a_bar, target2, cfg)
         _, norm0 = problem_b.parts(torch.zeros_like(b_bar))
-        if cfg.objective == "fro":  # only Ā ≈ 0 makes the closed form meaningless
-            active = a_bar.flatten(1).norm(dim=1) > eps * a_scale
+        tiny = eps * ab_scale
+        has_target = target2.clamp_min(0).sqrt() > tiny  # ‖ΔW‖ ≉ 0
+        has_product = norm0.clamp_min(0).sqrt() > tiny  # ‖B̄Ā‖ ≉ 0
+        if cfg.objective in (*_FRO, "residual"):  # Ā ≈ 0: nothing reachable; both ≈ 0: exact
+            active = (a_bar.flatten(1).norm(dim=1) > eps * a_scale) & (has_target | has_product)
         else:  # cos is undefined when ‖ΔW‖ ≈ 0 or ‖B̄Ā‖ ≈ 0
-            tiny = eps * ab_scale
-            active = (target2.clamp_min(0).sqrt() > tiny) & (norm0.clamp_min(0).sqrt() > tiny)
+            active = has_target & has_product
         return _Chunk(keys, b_bar, a_bar, target2, active, problem_b, b_stack, a_stack)
 
     def _solve_now(self, chunk: _Chunk) -> _Result:
@@ -607,6 +735,7 @@ class LoraFairAggregator:
         da_t = torch.zeros_like(chunk.a_bar.mT)
         problem = chunk.problem_b if cfg.placement == "b" else _problem_a(chunk, cfg)
         x, steps = _solve(problem, None, chunk.active, cfg)
+        x = _rescale(problem, x, problem.parts(torch.zeros_like(x))[1], chunk.active, cfg)
         inner1, norm1 = problem.parts(x)
         if cfg.placement == "b":
             db = x
@@ -636,6 +765,12 @@ class LoraFairAggregator:
             prev = obj
             if not bool((chunk.active & (rel >= cfg.tol) & ((sb + sa) > 0)).any()):
                 break
+        if cfg.objective in ("cosine-rescaled", "fro-no-shrink"):  # scale B' (module doc)
+            pb = build_problem(bs, as_, b_bar, a_bar + da_t.mT, t2, cfg)
+            _, fedit2 = chunk.problem_b.parts(torch.zeros_like(b_bar))
+            db = _rescale(pb, db, fedit2, chunk.active, cfg)
+            inner1, norm1 = pb.parts(db)
+            return _Result(db, da_t, steps, inner1, norm1, pb.value(db) + pa.regulariser(da_t))
         inner1, norm1 = pa.parts(da_t)
         return _Result(db, da_t, steps, inner1, norm1, prev)
 
@@ -701,6 +836,8 @@ def _metrics(t: _Totals) -> dict[str, float]:
             "lora_fair/cosine_after": 1.0,
             "lora_fair/relative_error_before": 0.0,
             "lora_fair/relative_error_after": 0.0,
+            "lora_fair/norm_ratio_before": 1.0,
+            "lora_fair/norm_ratio": 1.0,
             "lora_fair/iterations": 0.0,
             "lora_fair/iterations_max": 0.0,
             "lora_fair/delta_b_norm": 0.0,
@@ -715,11 +852,16 @@ def _metrics(t: _Totals) -> dict[str, float]:
     def rel(inner: float, norm: float) -> float:
         return (max(t.target - 2 * inner + norm, 0.0) / t.target) ** 0.5 if t.target > 0 else 0.0
 
+    def ratio(norm: float) -> float:
+        return (max(norm, 0.0) / t.target) ** 0.5 if t.target > 0 else 0.0
+
     return {
         "lora_fair/cosine_before": cos(t.inner0, t.norm0),
         "lora_fair/cosine_after": cos(t.inner1, t.norm1),
         "lora_fair/relative_error_before": rel(t.inner0, t.norm0),
         "lora_fair/relative_error_after": rel(t.inner1, t.norm1),
+        "lora_fair/norm_ratio_before": ratio(t.norm0),
+        "lora_fair/norm_ratio": ratio(t.norm1),
         "lora_fair/objective_before": t.obj0 / t.layers,
         "lora_fair/objective_after": t.obj1 / t.layers,
         "lora_fair/iterations": t.iters / t.layers,

@@ -110,9 +110,12 @@ def test_shared_factor_means_no_correction(shared):
         {"lam": 0.0},
         {"placement": "a"},
         {"placement": "both"},
+        {"objective": "residual"},
+        {"objective": "residual", "placement": "both"},
     ],
 )
 def test_cosine_and_objective_are_monotone(options):
+    options = {"objective": "cosine", **options}
     for seed in range(2):
         tensors, updates = _clients(seed=10 * seed)
         out = _run(updates, **options)
@@ -131,7 +134,7 @@ def test_cosine_and_objective_are_monotone(options):
 
 
 def test_paper_sized_random_problem_improves_cosine_substantially():
-    problem, dense, b_bar, a_bar, _ = _layer_problem()
+    problem, dense, b_bar, a_bar, _ = _layer_problem(objective="cosine")
     x, it = solve_cosine(problem)
     before = float(problem.cosine(torch.zeros_like(x))[0])
     after = float(problem.cosine(x)[0])
@@ -152,9 +155,10 @@ def test_placement_b_changes_only_b_and_a_only_a():
 
 # 4 ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("norm", ["fro", "squared"])
-def test_huge_lambda_recovers_fedit(norm):
+@pytest.mark.parametrize("objective", ["cosine", "residual"])
+def test_huge_lambda_recovers_fedit(norm, objective):
     _, updates = _clients()
-    out = _run(updates, lam=1e6, norm=norm)
+    out = _run(updates, lam=1e6, norm=norm, objective=objective)
     mean = WeightedMean().aggregate({}, fx.adapter(99), updates, 1)
     for k in mean.tensors:
         assert (out.tensors[k] - mean.tensors[k]).abs().max() < 1e-6
@@ -212,7 +216,15 @@ def test_factored_quantities_equal_dense(shape):
 
 # 7 ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "options", [{}, {"norm": "squared"}, {"scale_free": True}, {"objective": "fro", "lam": 0.2}]
+    "options",
+    [
+        {"objective": "cosine"},
+        {"objective": "cosine", "norm": "squared"},
+        {"objective": "cosine", "scale_free": True},
+        {"objective": "fro", "lam": 0.2},
+        {"objective": "residual", "lam": 0.2},
+        {"objective": "residual", "norm": "squared", "lam": 0.2},
+    ],
 )
 def test_analytic_gradient_matches_finite_differences(options):
     problem, _, b_bar, _, _ = _layer_problem(m=8, n=6, r=3, clients=3, **options)
@@ -230,14 +242,15 @@ def test_analytic_gradient_matches_finite_differences(options):
 
 
 def test_gradient_at_zero_uses_the_zero_subgradient():
-    problem, *_ = _layer_problem(m=8, n=6, r=3, clients=3)
+    problem, *_ = _layer_problem(m=8, n=6, r=3, clients=3, objective="cosine")
     g = problem.grad(torch.zeros_like(problem.base))
     assert torch.isfinite(g).all() and g.abs().max() > 0
 
 
 # reduced basis is exact ---------------------------------------------------------------------
-def test_reduced_solve_is_stationary_in_the_full_space():
-    problem, *_ = _layer_problem(norm="squared", lam=0.01)
+@pytest.mark.parametrize("objective", ["cosine", "residual"])
+def test_reduced_solve_is_stationary_in_the_full_space(objective):
+    problem, *_ = _layer_problem(norm="squared", lam=0.01, objective=objective)
     small, q = problem.reduce()
     assert q is not None and q.shape[-1] == 8  # [G, B̄] spans 2r columns of m = 40
     x, _ = solve_cosine(problem, max_iters=200, tol=0.0)
@@ -245,8 +258,9 @@ def test_reduced_solve_is_stationary_in_the_full_space():
     assert problem.grad(x).norm() < 1e-5 * g0
 
 
-def test_reduced_problem_has_the_same_objective():
-    problem, *_ = _layer_problem()
+@pytest.mark.parametrize("objective", ["cosine", "residual"])
+def test_reduced_problem_has_the_same_objective(objective):
+    problem, *_ = _layer_problem(objective=objective)
     small, q = problem.reduce()
     xs = torch.randn(
         small.base.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64
@@ -304,7 +318,9 @@ def test_mixed_ranks_are_padded_with_folded_scales():
     ranks = [2, 4, 4]
     tensors = [fx.adapter(i, rank=r) for i, r in enumerate(ranks)]
     updates = [fx.update(t, 10, i) for i, t in enumerate(tensors)]
-    agg = lora_fair.build(LoraFairConfig(lam=1e6), fx.env(rank=4, ranks=(2, 4))).aggregator
+    agg = lora_fair.build(
+        LoraFairConfig(lam=1e6, objective="cosine"), fx.env(rank=4, ranks=(2, 4))
+    ).aggregator
     out = agg.aggregate({}, fx.adapter(99), updates, 1)
     assert out.tensors[B_KEY].shape == (7, 4)
     # with ΔB = 0 this is the padded mean: the rank-2 client's B counts with s_2/s_4 = 2
@@ -330,7 +346,7 @@ def test_float32_updates_stay_float32():
 
 
 def test_solver_respects_max_iters_and_inactive_entries():
-    problem, *_ = _layer_problem()
+    problem, *_ = _layer_problem(objective="cosine")
     two = FairProblem(
         **{f: torch.cat([getattr(problem, f)] * 2) for f in ("g", "base", "gram", "target2", "lam")}
     )
@@ -350,3 +366,177 @@ def test_registered_with_flags_and_bad_options_are_reported():
     assert len(bad.problems()) == 5
     with pytest.raises(ConfigError, match="lora-fair.placement"):
         lora_fair.build(bad, fx.env())
+
+
+# default objective: closer to ΔW than FedIT *and* not shrunk below FedIT's norm ----------
+_SHAPES = {"l.0.q": (64, 32), "l.0.v": (64, 32), "l.1.q": (32, 64)}
+
+
+def _independent_problem(scale, clients, rank, seed):
+    """Clients with independent factors: A entries U(±1/√n) (LoRA's init), B ~ N(0, s²)."""
+    gen = torch.Generator().manual_seed(seed)
+    glob, updates = {}, []
+    for k in range(clients):
+        t = {}
+        for module, (m, n) in _SHAPES.items():
+            a = (2 * torch.rand(rank, n, generator=gen, dtype=torch.float64) - 1) / n**0.5
+            t[f"{module}.lora_A.weight"] = a
+            t[f"{module}.lora_B.weight"] = scale * torch.randn(
+                m, rank, generator=gen, dtype=torch.float64
+            )
+        glob = {key: torch.zeros_like(v) for key, v in t.items()}
+        updates.append(fx.update(t, 20 + 13 * k, k))
+    return glob, updates
+
+
+def _corrected(glob, updates, rank, **options):
+    agg = lora_fair.build(LoraFairConfig(**options), fx.env(rank=rank)).aggregator
+    return agg.aggregate({}, glob, updates, 1)
+
+
+@pytest.mark.parametrize(
+    ("scale", "clients", "rank", "seed"),
+    [(1e-2, 4, 8, 0), (1e-1, 4, 8, 1), (1e-2, 8, 4, 2), (1e-1, 2, 8, 3)],
+)
+def test_default_beats_fedit_error_without_shrinking_where_cosine_shrinks(
+    scale, clients, rank, seed
+):
+    glob, updates = _independent_problem(scale, clients, rank, seed)
+    m = _corrected(glob, updates, rank).metrics
+    assert LoraFairConfig().objective == "fro-no-shrink"
+    assert m["lora_fair/relative_error_after"] < m["lora_fair/relative_error_before"] - 0.02
+    assert m["lora_fair/norm_ratio"] >= m["lora_fair/norm_ratio_before"]
+    # the paper's cosine objective on the same problem fixes the direction but shrinks
+    # the product below FedIT's own ‖B̄Ā‖
+    cos = _corrected(glob, updates, rank, objective="cosine").metrics
+    assert cos["lora_fair/cosine_after"] > cos["lora_fair/cosine_before"]
+    assert cos["lora_fair/norm_ratio"] < cos["lora_fair/norm_ratio_before"]
+
+
+def _shared_start_problem(scale, clients, rank, seed):
+    """Clients drifted from one start: ``A_k = A_0 + 0.3·U(±1/√n)``, ``B_k = B_0 + N(0, s²)``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def kaiming(n):
+        return (2 * torch.rand(rank, n, generator=gen, dtype=torch.float64) - 1) / n**0.5
+
+    a0 = {m: kaiming(n) for m, (_, n) in _SHAPES.items()}
+    b0 = {
+        m: scale * torch.randn(o, rank, generator=gen, dtype=torch.float64)
+        for m, (o, _) in _SHAPES.items()
+    }
+    updates = []
+    for k in range(clients):
+        t = {}
+        for m, (o, n) in _SHAPES.items():
+            t[f"{m}.lora_A.weight"] = a0[m] + 0.3 * kaiming(n)
+            t[f"{m}.lora_B.weight"] = b0[m] + scale * torch.randn(
+                o, rank, generator=gen, dtype=torch.float64
+            )
+        updates.append(fx.update(t, 20 + 13 * k, k))
+    return {key: torch.zeros_like(v) for key, v in t.items()}, updates
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_shrink_floor_keeps_fedit_norm_where_least_squares_shrinks(seed):
+    glob, updates = _shared_start_problem(1e-2, 8, 4, seed)
+    ls = _corrected(glob, updates, 4, objective="fro", lam=0.0).metrics
+    # here even the least-squares optimum (the closest product reachable) is shorter than B̄Ā
+    assert ls["lora_fair/norm_ratio"] < ls["lora_fair/norm_ratio_before"]
+    for lam in (0.0, 0.01):
+        m = _corrected(glob, updates, 4, objective="fro-no-shrink", lam=lam).metrics
+        assert m["lora_fair/norm_ratio"] >= m["lora_fair/norm_ratio_before"] - 1e-12
+        assert m["lora_fair/relative_error_after"] < m["lora_fair/relative_error_before"]
+    # and per layer: ‖B′Ā‖ ≥ ‖B̄Ā‖, ‖ΔW − B′Ā‖ ≤ ‖ΔW − B̄Ā‖
+    out = _corrected(glob, updates, 4).tensors
+    before = WeightedMean().aggregate({}, glob, updates, 1).tensors
+    w = fx.weights_of([u.num_examples for u in updates])
+    for module in _SHAPES:
+        ideal = fx.ideal([u.tensors for u in updates], w, module)
+        p1, p0 = fx.factors(out)[module].delta(), fx.factors(before)[module].delta()
+        assert float(p1.norm()) >= float(p0.norm()) * (1 - 1e-12)
+        assert float((ideal - p1).norm()) < float((ideal - p0).norm())
+
+
+@pytest.mark.parametrize("placement", ["a", "both"])
+def test_no_shrink_floor_with_other_placements(placement):
+    glob, updates = _shared_start_problem(1e-2, 8, 4, 0)
+    fro = _corrected(glob, updates, 4, objective="fro", placement=placement).metrics
+    assert fro["lora_fair/norm_ratio"] < fro["lora_fair/norm_ratio_before"]  # shrinks here
+    m = _corrected(glob, updates, 4, objective="fro-no-shrink", placement=placement).metrics
+    assert m["lora_fair/norm_ratio"] >= m["lora_fair/norm_ratio_before"] - 1e-12
+    assert m["lora_fair/relative_error_after"] < m["lora_fair/relative_error_before"]
+
+
+def test_no_shrink_is_the_closest_product_not_shorter_than_fedit():
+    """λ = 0: the projection Y = ΔW Āᵀ(ĀĀᵀ)⁻¹Ā, scaled up to ‖B̄Ā‖ when shorter."""
+    floored = layers = 0
+    for seed in range(6):
+        glob, updates = _shared_start_problem(1e-2, 8, 4, seed)
+        out = _corrected(glob, updates, 4, objective="fro-no-shrink", lam=0.0).tensors
+        before = WeightedMean().aggregate({}, glob, updates, 1).tensors
+        w = fx.weights_of([u.num_examples for u in updates])
+        for module in _SHAPES:
+            ideal = fx.ideal([u.tensors for u in updates], w, module)
+            a_bar = fx.factors(before)[module].a
+            proj = ideal @ a_bar.T @ torch.linalg.inv(a_bar @ a_bar.T) @ a_bar
+            fedit_norm = float(fx.factors(before)[module].delta().norm())
+            expected = proj * max(1.0, fedit_norm / float(proj.norm()))
+            assert torch.allclose(fx.factors(out)[module].delta(), expected, rtol=1e-9, atol=1e-15)
+            floored += float(proj.norm()) < fedit_norm
+            layers += 1
+    assert 0 < floored < layers  # both branches were exercised
+
+
+def test_norm_ratio_metrics_equal_the_dense_products():
+    glob, updates = _independent_problem(1e-2, 4, 8, 5)
+    out = _corrected(glob, updates, 8)
+    w = fx.weights_of([u.num_examples for u in updates])
+    before = WeightedMean().aggregate({}, glob, updates, 1).tensors
+    target2 = after2 = before2 = 0.0
+    for module in _SHAPES:
+        ideal = fx.ideal([u.tensors for u in updates], w, module)
+        target2 += float(ideal.norm() ** 2)
+        after2 += float(fx.factors(out.tensors)[module].delta().norm() ** 2)
+        before2 += float(fx.factors(before)[module].delta().norm() ** 2)
+    m = out.metrics
+    assert m["lora_fair/norm_ratio"] == pytest.approx((after2 / target2) ** 0.5, rel=1e-9)
+    assert m["lora_fair/norm_ratio_before"] == pytest.approx((before2 / target2) ** 0.5, rel=1e-9)
+
+
+@pytest.mark.parametrize("placement", ["b", "a", "both"])
+def test_cosine_rescaled_keeps_the_cosine_direction_with_the_ideal_norm(placement):
+    glob, updates = _independent_problem(1e-1, 4, 8, 7)
+    cos = _corrected(glob, updates, 8, objective="cosine", placement=placement)
+    res = _corrected(glob, updates, 8, objective="cosine-rescaled", placement=placement)
+    w = fx.weights_of([u.num_examples for u in updates])
+    for module in _SHAPES:  # per layer: same direction as cosine, ‖B′Ā‖ = ‖ΔW‖
+        ideal = fx.ideal([u.tensors for u in updates], w, module)
+        p_cos = fx.factors(cos.tensors)[module].delta()
+        p_res = fx.factors(res.tensors)[module].delta()
+        assert float(p_res.norm()) == pytest.approx(float(ideal.norm()), rel=1e-9)
+        assert _dense_cos(p_res, p_cos) == pytest.approx(1.0, abs=1e-12)
+    assert res.metrics["lora_fair/norm_ratio"] == pytest.approx(1.0, rel=1e-9)
+
+
+def test_residual_objective_lowers_the_error_like_the_projection():
+    glob, updates = _independent_problem(1e-2, 4, 8, 9)
+    res = _corrected(glob, updates, 8, objective="residual").metrics
+    proj = _corrected(glob, updates, 8, objective="fro", lam=0.0).metrics
+    assert res["lora_fair/relative_error_after"] < res["lora_fair/relative_error_before"]
+    assert res["lora_fair/relative_error_after"] == pytest.approx(
+        proj["lora_fair/relative_error_after"], abs=5e-3
+    )
+    assert res["lora_fair/objective_after"] <= res["lora_fair/objective_before"]
+
+
+def test_fro_with_zero_target_and_product_is_degenerate_but_zero_target_alone_is_not():
+    tensors = [fx.adapter(i, zero_b=True) for i in range(3)]
+    out = _run([fx.update(t, 5, i) for i, t in enumerate(tensors)], objective="fro")
+    assert out.metrics["lora_fair/degenerate_layers"] == len(fx.SHAPES)
+    # ΔW = 0 (B₂A₂ = (−2B₁)(A₁/2) = −B₁A₁) but B̄Ā = −(3/8)B₁A₁ ≠ 0: fro pulls it to 0
+    one = fx.adapter(1)
+    other = {k: (-2 * v if "lora_B" in k else 0.5 * v) for k, v in one.items()}
+    out = _run([fx.update(one, 5, 0), fx.update(other, 5, 1)], objective="fro", lam=0.0)
+    assert out.metrics["lora_fair/degenerate_layers"] == 0.0
+    assert torch.allclose(out.tensors[B_KEY], torch.zeros_like(out.tensors[B_KEY]), atol=1e-12)
