@@ -46,7 +46,9 @@ def _updates(layers: int, dim: int, rank: int, clients: int) -> tuple[dict, list
     return glob, updates
 
 
-def _child(method: str, layers: int, dim: int, rank: int, clients: int, repeats: int) -> None:
+def _child(
+    method: str, layers: int, dim: int, rank: int, clients: int, repeats: int, objective: str
+) -> None:
     import strategies.fedit
     import strategies.lora_fair
     from fedpeft import StrategyEnv
@@ -56,7 +58,10 @@ def _child(method: str, layers: int, dim: int, rank: int, clients: int, repeats:
         seed=0, num_rounds=1, clients_per_round=clients, rank=rank, lora_alpha=2 * rank
     )
     module = strategies.lora_fair if method == "lora-fair" else strategies.fedit
-    config = module.LoraFairConfig() if method == "lora-fair" else module.FedItConfig()
+    if method == "lora-fair":
+        config = module.LoraFairConfig(objective=objective)
+    else:
+        config = module.FedItConfig()
     agg = module.build(config, env).aggregator
     glob, updates = _updates(layers, dim, rank, clients)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -86,26 +91,34 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--objectives",
+        default="fro-no-shrink,cosine",
+        help="LoRA-FAIR objectives to time beside FedIT (comma-separated; the first is the default)",
+    )
+    parser.add_argument("--objective", default="fro-no-shrink", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["fedit", "lora-fair"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = (args.layers, args.dim, args.rank, args.clients, args.repeats)
     if args.child:
-        _child(args.child, *shape)
+        _child(args.child, *shape, args.objective)
         return
     size_mb = args.layers * 2 * args.dim * args.rank * 4 / 1e6
     print(
         f"{args.layers} modules {args.dim}x{args.dim}, r={args.rank}, {args.clients} clients "
         f"({size_mb:.1f} MB per client, float32), median of {args.repeats}"
     )
-    for method in ("fedit", "lora-fair"):
-        cmd = [sys.executable, __file__, "--child", method] + [
+    runs = [("fedit", "")] + [("lora-fair", o.strip()) for o in args.objectives.split(",") if o.strip()]
+    for method, objective in runs:
+        cmd = [sys.executable, __file__, "--child", method, f"--objective={objective or 'fro'}"] + [
             f"--{name}={value}"
             for name, value in zip(
                 ("layers", "dim", "rank", "clients", "repeats"), shape, strict=True
             )
         ]
         res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        line = f"{method:10s} {res['seconds']:7.3f} s   peak extra {res['peak_extra_mb']:8.1f} MB"
+        label = f"{method} {objective}".strip()
+        line = f"{label:24s} {res['seconds']:7.3f} s   peak extra {res['peak_extra_mb']:8.1f} MB"
         if method == "lora-fair":
             m = res["metrics"]
             line += (
