@@ -133,8 +133,13 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_to_the_driver_stops_every_child(tmp_path, signum):
+    # A driver in a terminal's foreground: a background job of a non-interactive shell
+    # (e.g. `pytest … &`) inherits SIGINT ignored, and Python then raises no KeyboardInterrupt.
     proc = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
