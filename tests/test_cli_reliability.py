@@ -25,6 +25,7 @@ import textwrap
 import pytest
 
 from tests.conftest import TINY
+from tests.support.cli_env import cli_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = {**TINY, "federation.clients": 2}  # 2 rounds, 2 clients, tiny random BERT
@@ -78,19 +79,7 @@ def fedpeft(tmp_path, *args, engine="none", cache=None, timeout=300):
     fresh_cache = tmp_path / "fedpeft-cache"
     if cache is not None and not fresh_cache.exists():
         shutil.copytree(cache, fresh_cache)
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLWR_HOME": str(tmp_path / "flwr-home"),
-            "FEDPEFT_CACHE": str(fresh_cache),
-            "HF_HUB_OFFLINE": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-            "PYTHONPATH": str(ROOT),
-        }
-    )
+    env = cli_env(tmp_path / "flwr-home", fresh_cache)
     if engine == "in-process":
         cmd = [sys.executable, "-c", IN_PROCESS, *args]
     elif engine == "ray-no-client-state-check":

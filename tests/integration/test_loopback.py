@@ -20,6 +20,8 @@ import time
 import psutil
 import pytest
 
+from tests.support.cli_env import cli_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SETS = [
     "model.name=tiny-bert",
@@ -33,19 +35,7 @@ SETS = [
 
 
 def _env(tmp_path: pathlib.Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLWR_HOME": str(tmp_path / "flwr-home"),
-            "FEDPEFT_CACHE": str(tmp_path / "fedpeft-cache"),
-            "HF_HUB_OFFLINE": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-            "PYTHONPATH": str(ROOT),
-        }
-    )
+    env = cli_env(tmp_path / "flwr-home", tmp_path / "fedpeft-cache")
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the run must set it itself
     return env
 

@@ -21,6 +21,8 @@ import time
 
 import pytest
 
+from tests.support.cli_env import cli_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SLOW = 6.0  # seconds every client sleeps in every round
 SETS = [
@@ -37,19 +39,7 @@ STOP_LIMIT = 30.0  # the issue's bound: back at the shell in under 30 s
 
 
 def _env(tmp_path: pathlib.Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLWR_HOME": str(tmp_path / "flwr-home"),
-            "FEDPEFT_CACHE": str(tmp_path / "fedpeft-cache"),
-            "HF_HUB_OFFLINE": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-            "PYTHONPATH": str(ROOT),
-        }
-    )
+    env = cli_env(tmp_path / "flwr-home", tmp_path / "fedpeft-cache")
     return env
 
 
