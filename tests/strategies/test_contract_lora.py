@@ -629,6 +629,8 @@ def test_client_payload_has_the_plan_rank(case):
 
 @pytest.mark.parametrize("case", _params("client"))
 def test_the_client_half_round_trips(case):
+    """Two rounds through the client half; round 2 has a newcomer (partition 3) next to
+    clients that carry state from round 1."""
     fed = _fed(case)
     glob = _global(case)
     state = fed.aggregator.initialize(glob)
@@ -636,6 +638,8 @@ def test_the_client_half_round_trips(case):
     penalty = getattr(fed.client, "penalty", None)
     for server_round in (1, 2):
         clients = _three(case, (3 + server_round, 5, 8))
+        if server_round == 2:
+            clients.append((3, case.ranks[-1], 6))
         updates, cstates, views = _round(case, fed, state, glob, server_round, clients, cstates)
         for v, u in zip(views, updates, strict=True):
             assert set(v.init) <= set(v.start)
