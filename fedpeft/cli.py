@@ -29,6 +29,7 @@ from typing import Any
 
 from fedpeft.config import FlatConfig, flatten_toml, parse_overrides, parse_run_config
 from fedpeft.errors import FedPeftError
+from fedpeft.quiet import install as hide_known_noise
 
 
 def _env_defaults() -> None:
@@ -334,6 +335,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+_VERBOSE_HELP = "show the third-party warnings fedpeft hides (listed in fedpeft/quiet.py)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedpeft`` console script."""
     parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__.splitlines()[0])
@@ -347,7 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="reuse a results directory that holds a run (its files are deleted first)",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress display")
-    sim.add_argument("--verbose", action="store_true", help="Flower's INFO/DEBUG logs")
+    sim.add_argument(
+        "--verbose", action="store_true", help=_VERBOSE_HELP + "; Flower's INFO/DEBUG logs"
+    )
     sub.add_parser("strategies", help="list registered strategies")
     certs_p = sub.add_parser("certs", help="write a CA, TLS certificates and SuperNode keys")
     certs_p.add_argument("--out", required=True, help="directory to write (e.g. certs)")
@@ -374,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="extra node config of the next node, repeatable (e.g. device.tier=slow)",
     )
     dep_p.add_argument("--work-dir", help="keep logs and state here (default: a temporary dir)")
+    dep_p.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     dep_p.add_argument(
         "--overwrite",
         action="store_true",
@@ -398,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command or "simulate"
     if args.command is None:
         args = parser.parse_args(["simulate", *(argv or [])])
+    hide_known_noise(verbose=getattr(args, "verbose", False))  # before anything warns
     try:
         if command == "simulate":
             from fedpeft.preflight import prepare_run
