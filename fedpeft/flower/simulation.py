@@ -26,9 +26,11 @@ from queue import Queue
 from typing import Any
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from fedpeft import quiet
 from fedpeft.config import RunConfig
 from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.flower.client_app import make_client_app
@@ -182,6 +184,63 @@ def guarded_server_app(
     return app
 
 
+def quiet_client_app(flat: Mapping[str, Any], verbose: bool) -> ClientApp:
+    """:func:`~fedpeft.flower.client_app.make_client_app`'s app; unless ``verbose``,
+    with a lifespan that installs :mod:`fedpeft.quiet`'s filters in the process running
+    it (each Ray actor, before its first message): a log filter cannot reach the actors
+    through the environment, and the actor's own ``Manually terminating`` record is
+    logged there. (``make_client_app`` sets no lifespan, so none is replaced.)"""
+    app = make_client_app(flat)
+    if not verbose:
+
+        @app.lifespan()
+        def quiet_actor(context: Context) -> Iterator[None]:
+            quiet.install()
+            yield
+
+    return app
+
+
+def start_flower_simulation(
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_supernodes: int,
+    backend_config: Mapping[str, Any],
+    verbose: bool,
+) -> None:
+    """The one call of flwr's ``run_simulation``, which flwr 1.41 marks deprecated.
+
+    Why it is still used: its replacement is ``flwr run`` (a SuperLink that runs the
+    packaged app, in flwr 1.41 through ``flwr.simulation.run_simulation_process`` and
+    the SimulationIo API), which loads the ServerApp and ClientApp from their import
+    paths in processes of its own. A run here needs apps bound to objects of this
+    process (the progress observer, the :class:`EngineGuard` that stops the run, the
+    run's config bound into both apps, ``ray_hooks`` on this process's Ray backend), and
+    the code under ``run_simulation`` (``_run_simulation``) is private. ``fedpeft
+    deploy-local`` already runs the same apps through ``flwr run``. When
+    ``run_simulation`` goes away, this function is what to replace: e.g. by ``flwr run``
+    on a local SuperLink with the simulation runtime, the progress display following the
+    run's ``metrics.csv`` and a stop going through ``flwr stop``.
+
+    Unless ``verbose``, the deprecation banner it logs at every call (and only the
+    records listed in :mod:`fedpeft.quiet`) is dropped.
+    """
+    flwr_logger = logging.getLogger("flwr")
+    banner = quiet.KnownNoise()
+    if not verbose:
+        flwr_logger.addFilter(banner)
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_supernodes,
+            backend_config=dict(backend_config),  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
+    finally:
+        flwr_logger.removeFilter(banner)
+
+
 _FLWR_ENGINE_ERROR = "An error was encountered. Ending simulation."
 
 
@@ -234,16 +293,16 @@ def _run_guarded(
     verbose: bool,
     guard: EngineGuard,
 ) -> None:
-    """``run_simulation`` under ``guard``; an interruption or engine failure is turned
-    into a stop request (``guard.stopping``) instead of an exception."""
+    """:func:`start_flower_simulation` under ``guard``; an interruption or engine
+    failure is turned into a stop request (``guard.stopping``) instead of an exception."""
     try:
         with loopback_ray(), ray_hooks(guard, verbose), fast_extractor():
-            run_simulation(
+            start_flower_simulation(
                 server_app=guarded_server_app(flat, observer, guard),
-                client_app=make_client_app(flat),
+                client_app=quiet_client_app(flat, verbose),
                 num_supernodes=cfg.federation.clients,
-                backend_config=backend_config(cfg, num_cpus),  # type: ignore[arg-type]
-                verbose_logging=verbose,
+                backend_config=backend_config(cfg, num_cpus),
+                verbose=verbose,
             )
     except KeyboardInterrupt:
         # our handlers raise EngineInterrupt (a KeyboardInterrupt) after recording why;
