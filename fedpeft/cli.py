@@ -266,7 +266,7 @@ def simulate(flat: FlatConfig, quiet: bool = False, verbose: bool = False) -> pa
 
     _env_defaults()
     cfg = parse_run_config(flat)  # fail fast, before Ray starts
-    from fedpeft.flower.server_app import build_strategy, resolve_output_dir
+    from fedpeft.server.setup import build_strategy, resolve_output_dir
 
     build_strategy(cfg)  # codec/strategy compatibility, also before Ray starts
     flat = dict(flat)
@@ -274,7 +274,7 @@ def simulate(flat: FlatConfig, quiet: bool = False, verbose: bool = False) -> pa
     flat["output.dir"] = str(out_dir)
 
     from fedpeft.flower.engine_guard import SimulationStopped
-    from fedpeft.flower.server_app import Observer
+    from fedpeft.server.listeners import Observer
     from fedpeft.flower.simulation import check_resources, resume_hint, run_simulation_engine
 
     if not verbose:

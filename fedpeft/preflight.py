@@ -41,7 +41,7 @@ def check_config(flat: FlatConfig) -> RunConfig:
             does not fit the task or the target modules.
     """
     cfg = parse_run_config(flat)
-    from fedpeft.flower.server_app import build_strategy
+    from fedpeft.server.setup import build_strategy
     from fedpeft.tasks.checks import check_model
 
     build_strategy(cfg)
@@ -61,7 +61,7 @@ def prepare_run(flat: FlatConfig, *, overwrite: bool = False) -> FlatConfig:
         FedPeftError: the first problem found (see the module docstring).
     """
     from fedpeft.checkpoint import check_client_states, load_for_resume
-    from fedpeft.flower.server_app import checkpoint_dir, resolve_output_dir
+    from fedpeft.server.setup import checkpoint_dir, resolve_output_dir
 
     cfg = check_config(flat)
     out_dir = resolve_output_dir(cfg)

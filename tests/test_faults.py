@@ -38,7 +38,7 @@ RUN = textwrap.dedent(
     """
     import json, os, signal, sys
     from fedpeft.flower.inprocess import run_in_process
-    from fedpeft.flower.server_app import Observer
+    from fedpeft.server.listeners import Observer
     flat = json.loads(sys.argv[1]); kill_after = int(sys.argv[2])
 
     class Killer(Observer):

@@ -3,7 +3,7 @@
 Shu et al., "Ferret: Federated Full-Parameter Tuning at Scale for Large Language
 Models", ICML 2025 (arXiv 2409.06277); ALGORITHMS.md §10. The float32 data arrays of
 the payload (on the uplink of a lossy chain these are the client's *deltas* against
-what it received, see :mod:`fedpeft.flower.wire`) are flattened in payload order,
+what it received, see :mod:`fedpeft.codecs.tensors`) are flattened in payload order,
 split into blocks (:func:`fedpeft.projection.partition_blocks`) and projected on
 seeded random bases (:func:`fedpeft.projection.encode_update`, unbiased
 normalisation, adaptive per-block budgets ``K_l <= K``); the server rebuilds the

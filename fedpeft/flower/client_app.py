@@ -30,7 +30,7 @@ from fedpeft.config import RunConfig, parse_run_config
 from fedpeft.errors import FedPeftError
 from fedpeft.faults import draw_fault
 from fedpeft.flower import records as rec
-from fedpeft.flower.wire import decode_tensors, encode_tensors
+from fedpeft.codecs.tensors import decode_tensors, encode_tensors
 from fedpeft.registry import get_strategy
 from fedpeft.seeding import derive_seed
 
@@ -51,7 +51,7 @@ def _partition(context: Context) -> tuple[int, int]:
 
 
 def _client_algorithm(cfg: RunConfig) -> Any:
-    from fedpeft.flower.server_app import strategy_env
+    from fedpeft.server.setup import strategy_env
 
     return get_strategy(cfg.strategy.name).build(cfg.options, strategy_env(cfg)).client
 

@@ -42,7 +42,9 @@ from fedpeft.flower.engine_guard import (
     ray_hooks,
     root_cause,
 )
-from fedpeft.flower.server_app import Observer, checkpoint_dir, make_server_app, resolve_output_dir
+from fedpeft.flower.server_app import make_server_app
+from fedpeft.server.listeners import Observer
+from fedpeft.server.setup import checkpoint_dir, resolve_output_dir
 
 log = logging.getLogger("fedpeft")
 

@@ -9,7 +9,7 @@ import pytest
 from fedpeft import ConfigError, FedStrategy, WeightedMean, register_strategy
 from fedpeft.config import parse_run_config
 from fedpeft.flower.inprocess import run_in_process
-from fedpeft.flower.server_app import build_strategy
+from fedpeft.server.setup import build_strategy
 
 
 def test_codec_chain_cuts_uplink_bytes(tiny_config):

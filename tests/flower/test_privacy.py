@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from fedpeft import ConfigError
 from fedpeft.config import parse_run_config
 from fedpeft.flower.inprocess import run_in_process
-from fedpeft.flower.server_app import build_strategy
+from fedpeft.server.setup import build_strategy
 
 
 def _adapter(path):

@@ -118,7 +118,7 @@ def test_all_replies_rejected_keeps_global_intact(tiny_config):
             arrays[k] = Array(v)
         return reply
 
-    from fedpeft.flower.server_app import RoundFailed
+    from fedpeft.server.engine import RoundFailed
 
     with pytest.raises(RoundFailed, match="got 0 valid updates, federation.min-replies is 1"):
         _run({**tiny_config, "federation.rounds": 1}, tamper=tamper)

@@ -1,0 +1,124 @@
+"""Building a run's server side from its config, checked once, in one place.
+
+``build_strategy`` is the single place where strategy × ranks × codecs × privacy
+compatibility is decided (``parse_run_config`` checks only what a strategy's own
+``build`` refuses, so a bad config fails before any model is loaded).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+from datetime import datetime
+
+from fedpeft.codecs import build_codec
+from fedpeft.codecs.base import Chain
+from fedpeft.config import RunConfig
+from fedpeft.devices import DeviceProfile, parse_device_profile, profile_for, tier_of
+from fedpeft.errors import ConfigError
+from fedpeft.registry import FedStrategy, StrategyEnv, get_strategy
+from fedpeft.types import NodeInfo
+
+
+def strategy_env(cfg: RunConfig) -> StrategyEnv:
+    """Run-level facts handed to a strategy's ``build``."""
+    return StrategyEnv(
+        seed=cfg.seed,
+        num_rounds=cfg.federation.rounds,
+        clients_per_round=cfg.federation.sampled,
+        rank=cfg.lora.max_rank,
+        ranks=cfg.lora.rank_list,
+        lora_alpha=cfg.lora.alpha,
+        use_rslora=cfg.lora.rslora,
+    )
+
+
+def build_strategy(cfg: RunConfig) -> tuple[FedStrategy, Chain, Chain]:
+    """The configured strategy and codecs, with their compatibility checked.
+
+    Raises:
+        ConfigError: every incompatibility at once (a lossy codec with a strategy that
+            needs exact tensors, an uplink-only stage on the downlink, privacy options
+            the strategy or codec cannot honour).
+    """
+    fed = get_strategy(cfg.strategy.name).build(cfg.options, strategy_env(cfg))
+    uplink, downlink = build_codec(cfg.codec.uplink), build_codec(cfg.codec.downlink)
+    if not fed.lossy_codecs:
+        lossy = [
+            f"codec.{d}={c.name!r}" for d, c in (("uplink", uplink), ("downlink", downlink))
+            if not c.lossless
+        ]
+        if lossy:
+            raise ConfigError(
+                f"strategy {cfg.strategy.name!r} needs exact client tensors and cannot be "
+                f"combined with the lossy codec {', '.join(lossy)}; use a lossless chain "
+                "such as 'identity' or 'zstd'"
+            )
+    problems = []
+    name = cfg.strategy.name
+    one_way = [s.name for s in downlink.stages if getattr(s, "uplink_only", False)]
+    if one_way:
+        problems.append(
+            f"codec.downlink: stage(s) {one_way} code a client's change and work on the "
+            "uplink only; use them in codec.uplink"
+        )
+    if cfg.privacy.secagg:
+        if fed.needs_individual_updates:
+            problems.append(
+                f"privacy.secagg: strategy {name!r} needs each client's individual update, "
+                "which sum-only secure aggregation hides; it cannot run under SecAgg"
+            )
+        else:
+            problems.append(
+                "privacy.secagg: Flower 1.41 provides SecAgg+ only in its legacy API, which "
+                "fedpeft does not use; secure aggregation is not available"
+            )
+    if cfg.privacy.dp != "none":
+        if not fed.dp_compatible:
+            problems.append(
+                f"privacy.dp={cfg.privacy.dp!r} does not compose with strategy {name!r}: Flower's "
+                "DP clipping needs clients to upload the whole global adapter (use fedit with "
+                "one rank)"
+            )
+        if not uplink.lossless:
+            problems.append(
+                f"privacy.dp={cfg.privacy.dp!r} needs a lossless codec.uplink, got {uplink.name!r}"
+            )
+    if problems:
+        raise ConfigError(problems)
+    return fed, uplink, downlink
+
+
+def device_profiles(mix: str, nodes: Sequence[NodeInfo]) -> dict[int, tuple[str, DeviceProfile]]:
+    """``{node_id: (tier, profile)}`` from the mix ``devices.profile`` (by partition id)
+    and each node's ``device.*`` node-config overrides; ``{}`` when ``mix`` is ``""``.
+
+    Raises:
+        ConfigError: a node's ``device.*`` keys are invalid (the node is named).
+    """
+    if not mix:
+        return {}
+    out = {}
+    for n in nodes:
+        props = dict(n.properties)
+        try:
+            profile = parse_device_profile(props, default=profile_for(mix, n.partition_id))
+        except ConfigError as err:
+            raise ConfigError(f"node {n.node_id} (partition {n.partition_id}): {err}") from err
+        out[n.node_id] = (str(props.get("device.tier", tier_of(mix, n.partition_id))), profile)
+    return out
+
+
+def resolve_output_dir(cfg: RunConfig) -> pathlib.Path:
+    """``output.dir``, or a fresh ``runs/<strategy>-<timestamp>``."""
+    if cfg.output.dir:
+        return pathlib.Path(cfg.output.dir).expanduser().resolve()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return (pathlib.Path("runs") / f"{cfg.strategy.name}-{stamp}").resolve()
+
+
+def checkpoint_dir(cfg: RunConfig) -> pathlib.Path:
+    """``checkpoint.dir``, or ``<output.dir>/checkpoint``."""
+    if cfg.checkpoint.dir:
+        return pathlib.Path(cfg.checkpoint.dir).expanduser().resolve()
+    return resolve_output_dir(cfg) / "checkpoint"
