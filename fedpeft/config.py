@@ -638,24 +638,6 @@ def _build_section(
     return obj
 
 
-def _import_plugins(spec: str, problems: list[str]) -> None:
-    import importlib
-
-    for module in [m.strip() for m in spec.split(",") if m.strip()]:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            problems.append(f"strategy.plugins: cannot import {module!r}: {err}")
-
-
-def _load_entry_points() -> None:
-    """Import modules that advertise ``fedpeft.plugins`` entry points."""
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group="fedpeft.plugins"):
-        ep.load()
-
-
 def known_keys(strategy: str | None = None) -> list[str]:
     """Every valid key: core sections plus one strategy's section (or all)."""
     from fedpeft.registry import available_strategies, get_strategy
@@ -729,11 +711,13 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
         else:
             by_section.setdefault(section, {})[name] = value
 
-    _import_plugins(str(by_section.get("strategy", {}).get("plugins", "")), problems)
+    from fedpeft.plugins import import_modules, load_entry_points
+
+    problems += import_modules(str(by_section.get("strategy", {}).get("plugins", "")))
     try:
-        _load_entry_points()
-    except Exception as err:  # a broken third-party plug-in must not hide other errors
-        problems.append(f"a 'fedpeft.plugins' entry point failed to load: {err}")
+        load_entry_points()
+    except RegistryError as err:  # a broken third-party plug-in must not hide other errors
+        problems.append(str(err))
 
     seed = 0
     for key, value in top.items():

@@ -14,12 +14,14 @@ run-config section named after the strategy, e.g. ``lora-fair.lambda``) and a
     register_strategy("my-method", config_cls=MyConfig, build=build)
 
 and selected with ``strategy.name = "my-method"`` (or ``--strategy my-method``).
+
+The registry knows no strategy by name: built-in and outside strategies alike are
+found through ``fedpeft.plugins`` entry points (:mod:`fedpeft.plugins`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,7 +99,6 @@ class StrategyEntry:
 
 _STRATEGIES: dict[str, StrategyEntry] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-_BUILTINS_LOADED = False
 
 
 def register_strategy(
@@ -145,10 +146,10 @@ def register_strategy(
 
 
 def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        importlib.import_module("strategies")
+    """Import the ``fedpeft.plugins`` entry points (the built-ins are one of them)."""
+    from fedpeft.plugins import load_entry_points
+
+    load_entry_points()
 
 
 def get_strategy(name: str) -> StrategyEntry:

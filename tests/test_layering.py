@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PURE = ["fedpeft", "fedpeft.lora", "fedpeft.aggregation", "fedpeft.codecs", "fedpeft.selection",
-        "fedpeft.config", "fedpeft.registry", "fedpeft.client", "strategies"]
+        "fedpeft.config", "fedpeft.registry", "fedpeft.client", "fedpeft.server", "strategies"]
 
 
 def test_pure_modules_do_not_import_flower_or_transformers():
@@ -65,3 +66,26 @@ def test_strategies_use_only_public_api():
                 assert not node.module.startswith("fedpeft.flower"), path
                 for alias in node.names:
                     assert not alias.name.startswith("_"), (path, alias.name)
+
+
+def test_fedpeft_never_imports_the_builtin_strategies_by_name():
+    """Dependency direction: ``strategies`` imports ``fedpeft``, never the other way; the
+    built-ins are found through their ``fedpeft.plugins`` entry point, as plug-ins are."""
+    offenders = [
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "fedpeft").rglob("*.py")
+        if "strategies" in _imports(p)
+        or re.search(r"(import_module|__import__)\(\s*[\"']strategies", p.read_text())
+    ]
+    assert offenders == []
+    from importlib.metadata import entry_points
+
+    assert "strategies" in {ep.value for ep in entry_points(group="fedpeft.plugins")}
+
+
+def test_the_client_app_does_not_import_the_server_app():
+    imported = set()
+    for node in ast.walk(ast.parse((ROOT / "fedpeft/flower/client_app.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    assert "fedpeft.flower.server_app" not in imported
