@@ -1,14 +1,16 @@
 """fedpeft: federated fine-tuning of foundation models with LoRA, on Flower.
 
 The public API: the three plug-in protocols (``Aggregator``, ``Codec``,
-``Selector``) and the client-side ``ClientAlgorithm``, the value types they exchange,
+``Selector``) and the client-side ``ClientAlgorithm`` — with ``AggregatorBase`` and
+``ClientAlgorithmBase`` declaring every optional hook and its default — the value
+types they exchange,
 the strategy registry and the typed run config. Flower itself is only touched by
 ``fedpeft.flower``.
 """
 
-from fedpeft.aggregation import Aggregator, WeightedMean, broadcast, weighted_mean
+from fedpeft.aggregation import Aggregator, AggregatorBase, WeightedMean, broadcast, weighted_mean
 from fedpeft.aggregation.mean import client_weights
-from fedpeft.client import ClientAlgorithm, FullAdapter, LocalRound
+from fedpeft.client import ClientAlgorithm, ClientAlgorithmBase, FullAdapter, LocalRound, Started
 from fedpeft.codecs import Codec, CodecContext, Payload, build_codec, register_codec
 from fedpeft.config import RunConfig, parse_run_config
 from fedpeft.errors import (
@@ -33,7 +35,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AUX_PREFIX",
     "Aggregator",
+    "AggregatorBase",
     "ClientAlgorithm",
+    "ClientAlgorithmBase",
     "ClientPlan",
     "ClientUpdate",
     "Codec",
@@ -51,6 +55,7 @@ __all__ = [
     "RoundOutput",
     "RunConfig",
     "Selector",
+    "Started",
     "StrategyEnv",
     "TensorDict",
     "UniformSelector",

@@ -48,6 +48,8 @@ import torch
 
 from fedpeft import (
     AUX_PREFIX,
+    AggregatorBase,
+    ClientAlgorithmBase,
     ClientPlan,
     ClientUpdate,
     ConfigError,
@@ -55,6 +57,7 @@ from fedpeft import (
     FedStrategy,
     IncompatibleUpdateError,
     RoundOutput,
+    Started,
     StrategyEnv,
     TensorDict,
     client_weights,
@@ -267,7 +270,7 @@ def _unpack_replay(received: Mapping[str, torch.Tensor]) -> list[RoundUpdate]:
 
 
 @dataclass(frozen=True)
-class FerretAggregator:
+class FerretAggregator(AggregatorBase[dict[str, Any]]):
     """Server half: aggregate coordinates, reconstruct once, keep the replay history.
 
     State (checkpointable plain values): ``gamma``/``pool_seeds``/``server_lrs``/
@@ -462,7 +465,7 @@ def _server_state(state: Mapping[str, Any]) -> FerretServerState:
 
 
 @dataclass(frozen=True)
-class FerretClient:
+class FerretClient(ClientAlgorithmBase):
     """Client half: sync the replica, train the tuned tensors, upload coordinates.
 
     State: the replica of the tuned tensors (``aux.ferret.replica.<key>``) and its
@@ -509,23 +512,26 @@ class FerretClient:
 
     def start(
         self, received: TensorDict, init: TensorDict, state: TensorDict, plan: ClientPlan
-    ) -> tuple[TensorDict, frozenset[str]]:
-        """Load the synced replica over ``init``; train exactly the tuned tensors."""
+    ) -> Started:
+        """Load the synced replica over ``init``; train exactly the tuned tensors.
+        ``finish`` gets the synced replica as ``carry`` (a replay is computed once)."""
         replica, version, replayed = self._replica(received, init, state)
-        _SYNCED.clear()
-        _SYNCED[_sync_key(received, plan)] = (replica, version, replayed)
         start = dict(init)
         start.update(replica)
-        return start, frozenset(replica)
+        return Started(start, frozenset(replica), carry=(replica, version, replayed))
 
     def finish(
-        self, trained: TensorDict, received: TensorDict, state: TensorDict, plan: ClientPlan
+        self,
+        trained: TensorDict,
+        received: TensorDict,
+        state: TensorDict,
+        plan: ClientPlan,
+        carry: Any = None,
     ) -> tuple[TensorDict, TensorDict]:
         """Project ``Δ = replica − trained`` on the round's bases; keep the replica."""
-        synced = _SYNCED.pop(_sync_key(received, plan), None)
-        if synced is None:
-            raise FedPeftError("FerretClient.finish called without start for this message")
-        replica, version, replayed = synced
+        if carry is None:
+            raise FedPeftError("FerretClient.finish needs the carry its start returned")
+        replica, version, replayed = carry
         new = {k: trained[k] for k in replica}
         server_round = int(received[HEADER][2])
         header = torch.tensor([version, server_round, replayed], dtype=torch.int64)
@@ -547,16 +553,6 @@ class FerretClient:
         upload: TensorDict = {UPLOAD[k]: torch.from_numpy(v) for k, v in packed.items()}
         upload[HEADER] = header
         return upload, new_state
-
-
-_SYNCED: dict[tuple[int, int, int], tuple[TensorDict, int, int]] = {}
-"""The replica ``start`` synced, kept for ``finish`` of the same message (one slot:
-a process trains one client at a time), so a replay is not computed twice."""
-
-
-def _sync_key(received: Mapping[str, torch.Tensor], plan: ClientPlan) -> tuple[int, int, int]:
-    header = received[HEADER]
-    return plan.partition_id, int(header[0]), int(header[2])
 
 
 def build(config: FerretOptions, env: StrategyEnv) -> FedStrategy:

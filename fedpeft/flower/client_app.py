@@ -25,12 +25,13 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.checkpoint import load_client_state, save_client_state
+from fedpeft.client.algorithm import finish_with_carry, overrides
 from fedpeft.codecs import CodecContext, build_codec
+from fedpeft.codecs.tensors import decode_tensors, encode_tensors
 from fedpeft.config import RunConfig, parse_run_config
 from fedpeft.errors import FedPeftError
 from fedpeft.faults import draw_fault
 from fedpeft.flower import records as rec
-from fedpeft.codecs.tensors import decode_tensors, encode_tensors
 from fedpeft.registry import get_strategy
 from fedpeft.seeding import derive_seed
 
@@ -102,22 +103,27 @@ def handle_train(msg: Message, context: Context, bound: Mapping[str, Any]) -> Me
         if rec.CLIENT_STATE in context.state
         else {}
     )
-    start, trainable = algorithm.start(received, model.initial, state, plan)
+    opened = algorithm.start(received, model.initial, state, plan)
+    start, trainable = opened
     model.load(start)
     train_data, _ = task.client_data(pid, num)
-    custom = getattr(algorithm, "local_round", None)
     extra_metrics: dict[str, float] = {}
-    if callable(custom):
-        local = custom(task, model, train_data, trainable, plan, state)
+    local = (
+        algorithm.local_round(task, model, train_data, trainable, plan, state)
+        if overrides(algorithm, "local_round")
+        else None
+    )
+    if local is not None:
         result, trained = local.result, local.tensors
         extra_metrics = {k: float(v) for k, v in local.metrics.items()}
         state = {**state, **local.state}
     else:
-        penalty_hook = getattr(algorithm, "penalty", None)
-        penalty = (lambda params: penalty_hook(params, plan)) if callable(penalty_hook) else None
+        penalty = (
+            (lambda params: algorithm.penalty(params, plan)) if overrides(algorithm, "penalty") else None
+        )
         result = task.train(model, train_data, trainable, plan.seed, penalty)
         trained = model.tensors()
-    upload, new_state = algorithm.finish(trained, received, state, plan)
+    upload, new_state = finish_with_carry(algorithm, opened, trained, received, state, plan)
     context.state[rec.CLIENT_STATE] = rec.tensors_to_record(new_state)
 
     codec_state = (

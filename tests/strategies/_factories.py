@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from fedpeft import ClientPlan, ClientUpdate, FedStrategy, RoundOutput, StrategyEnv, TensorDict
+from fedpeft.client import finish_with_carry
 from fedpeft.lora import AdapterLayout, LoraFactors, split_adapter
 
 SHAPES: dict[str, tuple[int, int]] = {
@@ -137,10 +138,11 @@ def run_round(
     for p in plans:
         received = fed.aggregator.client_payload(state, global_tensors, p)
         cstate = save_load(client_states.get(p.partition_id, {}))
-        start, trainable = fed.client.start(received, init(p.rank), cstate, p)
+        started = fed.client.start(received, init(p.rank), cstate, p)
+        start, trainable = started
         trained = train(start, trainable, 1000 * server_round + p.partition_id)
         trained = {k: v for k, v in trained.items() if k in init(p.rank)}  # model.tensors()
-        upload, new_state = fed.client.finish(trained, received, cstate, p)
+        upload, new_state = finish_with_carry(fed.client, started, trained, received, cstate, p)
         new_states[p.partition_id] = new_state
         n = (counts or {}).get(p.partition_id, 10 + p.partition_id)
         updates.append(

@@ -55,6 +55,7 @@ from fedpeft import (
     available_strategies,
     get_strategy,
 )
+from fedpeft.client import finish_with_carry
 from fedpeft.lora.peft_io import base_delta_key, is_base_delta_key, shape_for_rank
 from strategies import fedit, fedspine
 from strategies import ferret as ferret_mod
@@ -445,14 +446,15 @@ def _client(
     received = _payload(fed, state, glob, plan)
     init = case.init(plan.rank)
     cstate = fx.save_load(cstate)
-    start, trainable = fed.client.start(received, init, cstate, plan)
+    started = fed.client.start(received, init, cstate, plan)
+    start, trainable = started
     if case.local is not None:
         trained, extra = case.local(start, trainable, plan, cstate, seed)
         cstate = {**cstate, **extra}
     else:
         trained = fx.perturb(start, trainable, seed, NOISE)
         trained = {k: v for k, v in trained.items() if k in init}  # model.tensors()
-    upload, new_state = fed.client.finish(trained, received, cstate, plan)
+    upload, new_state = finish_with_carry(fed.client, started, trained, received, cstate, plan)
     return Client(plan, received, init, start, trainable, upload, new_state)
 
 
