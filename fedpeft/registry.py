@@ -30,6 +30,7 @@ from typing import Any
 from fedpeft.aggregation.base import Aggregator
 from fedpeft.client.algorithm import ClientAlgorithm, FullAdapter
 from fedpeft.errors import RegistryError
+from fedpeft.lora.peft_io import AdapterLayout
 from fedpeft.selection.base import Selector
 
 
@@ -54,6 +55,11 @@ class StrategyEnv:
     ranks: tuple[int, ...] = ()
     lora_alpha: float = 16.0
     use_rslora: bool = False
+
+    @property
+    def layout(self) -> AdapterLayout:
+        """The adapter layout (scaling ``α / r`` or ``α / √r``) every strategy uses."""
+        return AdapterLayout(lora_alpha=self.lora_alpha, use_rslora=self.use_rslora)
 
 
 @dataclass(frozen=True)

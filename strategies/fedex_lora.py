@@ -39,6 +39,8 @@ from typing import Any
 import torch
 
 from fedpeft import (
+    AggregatorBase,
+    ClientAlgorithmBase,
     ClientPlan,
     ClientUpdate,
     FedStrategy,
@@ -73,7 +75,7 @@ class FedExLoraConfig:
 
 
 @dataclass(frozen=True)
-class FedExLoraAggregator:
+class FedExLoraAggregator(AggregatorBase[Any]):
     """Means of A, B and extras; the product residual goes into the base delta.
 
     Attributes:
@@ -148,7 +150,7 @@ class FedExLoraAggregator:
 
 
 @dataclass(frozen=True)
-class BaseDeltaAdapter:
+class BaseDeltaAdapter(ClientAlgorithmBase):
     """FedIT's client that also loads the received base deltas (FedEx-LoRA).
 
     Starts from the received adapter over ``init`` plus every received base delta;
@@ -172,7 +174,7 @@ class BaseDeltaAdapter:
 
 def build(config: FedExLoraConfig, env: StrategyEnv) -> FedStrategy:
     """FedEx-LoRA: exact product mean via a cumulative base delta."""
-    layout = AdapterLayout(lora_alpha=env.lora_alpha, use_rslora=getattr(env, "use_rslora", False))
+    layout = env.layout
     return FedStrategy(
         aggregator=FedExLoraAggregator(layout, config.equal_weights),
         client=BaseDeltaAdapter(),

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedpeft import (
+    AggregatorBase,
     ClientPlan,
     ClientUpdate,
     FedStrategy,
@@ -46,7 +47,7 @@ class FedItConfig:
 
 
 @dataclass(frozen=True)
-class MixedRankMean:
+class MixedRankMean(AggregatorBase[Any]):
     """``WeightedMean`` over uploads zero-padded to the global rank.
 
     Attributes:
@@ -88,7 +89,7 @@ class MixedRankMean:
 def build(config: FedItConfig, env: StrategyEnv) -> FedStrategy:
     """FedAvg of every uploaded tensor; every client trains the full adapter."""
     if len(set(env.ranks)) > 1:
-        layout = AdapterLayout(lora_alpha=env.lora_alpha, use_rslora=env.use_rslora)
+        layout = env.layout
         aggregator: Any = MixedRankMean(env.rank, layout, config.equal_weights)
     else:
         aggregator = WeightedMean(equal_weights=config.equal_weights)

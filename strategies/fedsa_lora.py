@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from fedpeft import (
+    AggregatorBase,
+    ClientAlgorithmBase,
     ClientPlan,
     ClientUpdate,
     FedStrategy,
@@ -75,7 +77,7 @@ def local_keys(tensors: TensorDict, local_extras: bool) -> set[str]:
 
 
 @dataclass(frozen=True)
-class FedSaLoraAggregator:
+class FedSaLoraAggregator(AggregatorBase[Any]):
     """Mean of A (and shared extras); reporting-only mean of the latest local tensors.
 
     State: ``"local/<partition id>/<key>"`` (latest reported local tensor) and
@@ -148,7 +150,7 @@ class FedSaLoraAggregator:
 
 
 @dataclass(frozen=True)
-class LocalB:
+class LocalB(ClientAlgorithmBase):
     """FedSA-LoRA's client: received A, its own B (and local extras) from the state.
 
     Attributes:

@@ -57,6 +57,8 @@ import torch
 
 from fedpeft import (
     AUX_PREFIX,
+    AggregatorBase,
+    ClientAlgorithmBase,
     ClientPlan,
     ClientUpdate,
     ConfigError,
@@ -276,7 +278,7 @@ def module_masks(
 
 
 @dataclass(frozen=True)
-class FedSpineAggregator:
+class FedSpineAggregator(AggregatorBase[Any]):
     """Mask-aware mean of mixed-rank, structurally pruned LoRA (ALGORITHMS.md §11.3).
 
     State: ``{"masks": {partition id: (heads int8 (L, H), channels int8 (L, d_ff))}}``
@@ -468,7 +470,7 @@ def _has_lora(module: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class FedSpineClient:
+class FedSpineClient(ClientAlgorithmBase):
     """Prune-and-tune on a pruned copy of the model (ALGORITHMS.md §11.2).
 
     Attributes:
@@ -733,7 +735,7 @@ def build(config: FedSpineConfig, env: StrategyEnv) -> FedStrategy:
             config = replace(config, ranks=",".join(map(str, kept)))
     if problems:
         raise ConfigError(problems)
-    layout = AdapterLayout(lora_alpha=env.lora_alpha, use_rslora=getattr(env, "use_rslora", False))
+    layout = env.layout
     return FedStrategy(
         aggregator=FedSpineAggregator(layout, config),
         client=FedSpineClient(layout, config),

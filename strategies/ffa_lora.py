@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedpeft import (
+    AggregatorBase,
+    ClientAlgorithmBase,
     ClientPlan,
     ClientUpdate,
     FedStrategy,
@@ -53,7 +55,7 @@ class FfaLoraConfig:
 
 
 @dataclass(frozen=True)
-class FfaLoraAggregator:
+class FfaLoraAggregator(AggregatorBase[Any]):
     """Mean of the uploaded B and extras; A stays the initial global A.
 
     Attributes:
@@ -105,7 +107,7 @@ class FfaLoraAggregator:
 
 
 @dataclass(frozen=True)
-class FrozenA:
+class FrozenA(ClientAlgorithmBase):
     """FFA-LoRA's client: A from the server (once, then from the state), train the rest.
 
     ``start`` takes A from the payload if present, else from the state; B and extras

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedpeft import (
+    AggregatorBase,
     ClientPlan,
     ClientUpdate,
     ConfigError,
@@ -79,7 +80,7 @@ class FlexLoraConfig:
 
 
 @dataclass(frozen=True)
-class FlexLoraAggregator:
+class FlexLoraAggregator(AggregatorBase[Any]):
     """Product-space mean, SVD, rank-``r_max`` global; per-client truncation.
 
     Attributes:
@@ -144,7 +145,7 @@ def build(config: FlexLoraConfig, env: StrategyEnv) -> FedStrategy:
     problems = config.problems()
     if problems:
         raise ConfigError(problems)
-    layout = AdapterLayout(lora_alpha=env.lora_alpha, use_rslora=getattr(env, "use_rslora", False))
+    layout = env.layout
     return FedStrategy(
         aggregator=FlexLoraAggregator(layout, config),
         needs_individual_updates=True,

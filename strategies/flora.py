@@ -41,6 +41,8 @@ from typing import Any
 import torch
 
 from fedpeft import (
+    AggregatorBase,
+    ClientAlgorithmBase,
     ClientPlan,
     ClientUpdate,
     FedStrategy,
@@ -77,7 +79,7 @@ class FloraConfig:
 
 
 @dataclass(frozen=True)
-class FloraAggregator:
+class FloraAggregator(AggregatorBase[Any]):
     """Merge the exact stacked product into the cumulative base delta.
 
     Attributes:
@@ -157,7 +159,7 @@ def fresh_lora_a(
 
 
 @dataclass(frozen=True)
-class FreshLora:
+class FreshLora(ClientAlgorithmBase):
     """FLoRA's client: a fresh LoRA every round on the merged base.
 
     ``start`` draws a new ``A`` per LoRA module (:func:`fresh_lora_a`, seeded by
@@ -190,7 +192,7 @@ class FreshLora:
 
 def build(config: FloraConfig, env: StrategyEnv) -> FedStrategy:
     """FLoRA: stacking, merge into the base, fresh LoRA per round; mixed ranks."""
-    layout = AdapterLayout(lora_alpha=env.lora_alpha, use_rslora=getattr(env, "use_rslora", False))
+    layout = env.layout
     return FedStrategy(
         aggregator=FloraAggregator(layout, config.equal_weights),
         client=FreshLora(),

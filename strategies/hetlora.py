@@ -40,6 +40,8 @@ import torch
 
 from fedpeft import (
     AUX_PREFIX,
+    AggregatorBase,
+    ClientAlgorithmBase,
     ClientPlan,
     ClientUpdate,
     ConfigError,
@@ -143,7 +145,7 @@ def sparsity_weights(p: Sequence[float], norms: Sequence[float], weighting: str)
 
 
 @dataclass(frozen=True)
-class HetLoraAggregator:
+class HetLoraAggregator(AggregatorBase[Any]):
     """Zero-pad to ``r_max`` and average with norm (sparsity) weights.
 
     Attributes:
@@ -203,7 +205,7 @@ class HetLoraAggregator:
 
 
 @dataclass(frozen=True)
-class HetLoraClient:
+class HetLoraClient(ClientAlgorithmBase):
     """Train at the client's rank with the tail penalty; shrink when the tail fades.
 
     Attributes:
@@ -335,7 +337,7 @@ def build(config: HetLoraConfig, env: StrategyEnv) -> FedStrategy:
     problems = config.problems()
     if problems:
         raise ConfigError(problems)
-    layout = AdapterLayout(lora_alpha=env.lora_alpha, use_rslora=getattr(env, "use_rslora", False))
+    layout = env.layout
     inner = UniformSelector(
         clients_per_round=env.clients_per_round, rank=env.rank, ranks=env.ranks, seed=env.seed
     )

@@ -141,6 +141,7 @@ from typing import Any
 import torch
 
 from fedpeft import (
+    AggregatorBase,
     ClientPlan,
     ClientUpdate,
     ConfigError,
@@ -569,7 +570,7 @@ class _Result:
 
 
 @dataclass(frozen=True)
-class LoraFairAggregator:
+class LoraFairAggregator(AggregatorBase[Any]):
     """FedIT's weighted mean followed by the LoRA-FAIR correction (see module doc).
 
     Attributes:
@@ -877,7 +878,7 @@ def build(config: LoraFairConfig, env: StrategyEnv) -> FedStrategy:
     problems = config.problems()
     if problems:
         raise ConfigError(problems)
-    layout = AdapterLayout(lora_alpha=env.lora_alpha, use_rslora=getattr(env, "use_rslora", False))
+    layout = env.layout
     return FedStrategy(
         aggregator=LoraFairAggregator(config, layout),
         needs_individual_updates=True,

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from fedpeft.aggregation import AggregatorBase
 from fedpeft.codecs import CodecContext
 from fedpeft.codecs.tensors import encode_tensors
 from fedpeft.config import parse_run_config
@@ -140,10 +141,11 @@ def test_a_failing_aggregator_leaves_the_global_adapter_unchanged():
         list(work.plans.values()),
     )
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("solver diverged")
+    class Broken(AggregatorBase):
+        def aggregate(self, *args, **kwargs):
+            raise RuntimeError("solver diverged")
 
-    engine.aggregator.aggregate = broken
+    engine.aggregator = Broken()
     assert not engine.aggregate(work)
     result = engine.finish_round(work)
     assert "aggregation failed: solver diverged" in work.reasons

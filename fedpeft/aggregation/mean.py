@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.aggregation.base import broadcast
+from fedpeft.aggregation.base import AggregatorBase, broadcast
 from fedpeft.errors import IncompatibleUpdateError
 from fedpeft.types import ClientPlan, ClientUpdate, RoundOutput, TensorDict
 
@@ -56,7 +56,7 @@ def weighted_mean(
 
 
 @dataclass(frozen=True)
-class WeightedMean:
+class WeightedMean(AggregatorBase[Any]):
     """FedAvg over every uploaded tensor; the aggregator behind ``fedit``.
 
     Keys the clients did not upload keep their global value.

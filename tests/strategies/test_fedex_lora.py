@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft import IncompatibleUpdateError, get_strategy
+from fedpeft import IncompatibleUpdateError, StrategyEnv, get_strategy
 from fedpeft.lora import AdapterLayout
 from fedpeft.lora.peft_io import base_delta_key
 from strategies import fedex_lora
@@ -118,13 +118,10 @@ def test_residual_rank_is_at_most_n_minus_one_times_r(clients):
 
 # 5 ---------------------------------------------------------------------------------------
 def test_rslora_scaling_variant():
-    class Env:  # a StrategyEnv with the rsLoRA flag the lead adds
-        seed, num_rounds, clients_per_round, rank, ranks, lora_alpha = 0, 1, 2, 4, (), 8.0
-        use_rslora = True
-
+    env = StrategyEnv(seed=0, num_rounds=1, clients_per_round=2, rank=4, lora_alpha=8.0, use_rslora=True)
     layout = AdapterLayout(lora_alpha=8.0, use_rslora=True)
     tensors = [fx.adapter(i) for i in range(3)]
-    fed = fedex_lora.build(FedExLoraConfig(), Env())
+    fed = fedex_lora.build(FedExLoraConfig(), env)
     out = fed.aggregator.aggregate(
         {}, fx.adapter(9), [fx.update(t, 2, i) for i, t in enumerate(tensors)], 1
     )
