@@ -76,6 +76,8 @@ class ClientUpdate:
         num_examples: local examples trained on; the default aggregation weight.
         metrics: finite training metrics reported by the client.
         plan: the plan the client was given this round.
+        received: what the client started from (the decoded payload it was sent), for
+            layers that work on the change ``tensors − received``; empty when unknown.
     """
 
     node_id: int
@@ -83,6 +85,7 @@ class ClientUpdate:
     num_examples: int
     metrics: Mapping[str, float]
     plan: ClientPlan
+    received: TensorDict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,14 @@ class RoundOutput(Generic[S]):
         tensors: the new global adapter (every key the global adapter has).
         metrics: finite diagnostic numbers, keys namespaced by layer, e.g.
             ``"lora_fair/cosine"``.
+        updates: the updates the aggregate was made of, as the innermost aggregator saw
+            them (after aggregation layers dropped or changed some); ``None``: the
+            updates passed in, unchanged.
+        rejected: ``{node_id: reason}`` of updates a layer left out.
     """
 
     state: S
     tensors: TensorDict
     metrics: Mapping[str, float] = field(default_factory=dict)
+    updates: tuple[ClientUpdate, ...] | None = None
+    rejected: Mapping[int, str] = field(default_factory=dict)

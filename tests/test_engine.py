@@ -151,3 +151,19 @@ def test_a_failing_aggregator_leaves_the_global_adapter_unchanged():
     assert "aggregation failed: solver diverged" in work.reasons
     for key, value in state.global_tensors.items():
         assert torch.equal(result.state.global_tensors[key], value)
+
+
+def test_a_scaled_update_is_left_out_by_the_outlier_layer_and_counted_in_the_record():
+    engine = _engine(**{"federation.clients": 3})
+    _, work = _start(engine)
+    replies = []
+    for n in NODES:
+        sent = work.sent[n.node_id]
+        scale = 100.0 if n.node_id == 101 else 1.0
+        change = fx.adapter(20 + n.partition_id, dtype=torch.float32)
+        replies.append(_reply(engine, work, n.node_id, {k: sent[k] + scale * change[k] for k in sent}))
+    engine.receive(work, replies, list(work.plans.values()))
+    assert engine.aggregate(work)
+    record = engine.finish_round(work).record
+    assert record["rejected"] == 1 and [c["node_id"] for c in record["clients"]] == [100, 102]
+    assert any("node 101: update norm" in r for r in work.reasons)

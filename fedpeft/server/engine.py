@@ -13,9 +13,10 @@ adapter, aggregator/selector/downlink-codec states, byte ledger). A round is:
    strategy's ``check_update``); a bad one is rejected with a logged reason and never
    touches the global state. The transport retries the failed plans while fewer than
    ``federation.min-replies`` updates are valid (:meth:`RoundEngine.retry_plans`).
-3. :meth:`RoundEngine.aggregate` — norm outliers are rejected and updates clipped
-   (``validation.*``), the aggregator runs, the selector gets feedback; an aggregator
-   that fails or returns a bad adapter leaves the global adapter as it was.
+3. :meth:`RoundEngine.aggregate` — the strategy's aggregator runs inside the
+   configured aggregation layers (:mod:`fedpeft.aggregation.layers`: outlier
+   rejection, clipping), the selector gets feedback; an aggregator that fails or
+   returns a bad adapter leaves the global adapter as it was.
 4. :meth:`RoundEngine.finish_round` — the new :class:`ServerState` and the round's
    record (evaluation, bytes, clients, telemetry); listeners (results writer,
    checkpointer, progress display) receive both.
@@ -36,8 +37,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.aggregation.base import hooks_of
-from fedpeft.aggregation.robust import clip_update, outliers, update_norm
+from fedpeft.aggregation.layers import stack
 from fedpeft.checkpoint import client_state_problem
 from fedpeft.codecs import CodecContext
 from fedpeft.codecs.base import Chain, CodecState, Payload
@@ -219,7 +219,12 @@ class RoundEngine:
     ) -> None:
         self.cfg = cfg
         self.fed = fed
-        self.aggregator = hooks_of(fed.aggregator)
+        # the strategy inside the configured aggregation layers (validation.*)
+        self.aggregator = stack(
+            fed.aggregator,
+            norm_factor=cfg.validation.norm_factor,
+            clip_norm=cfg.validation.clip_norm,
+        )
         self.uplink = uplink
         self.downlink = downlink
         self.nodes = list(nodes)
@@ -395,7 +400,14 @@ class RoundEngine:
         for k, v in metrics.items():
             if k != NUM_EXAMPLES and isinstance(v, (int, float)) and math.isfinite(float(v)):
                 clean[k] = float(v)
-        return ClientUpdate(node_id=node_id, tensors=tensors, num_examples=num_examples, metrics=clean, plan=plan)
+        return ClientUpdate(
+            node_id=node_id,
+            tensors=tensors,
+            num_examples=num_examples,
+            metrics=clean,
+            plan=plan,
+            received=work.sent.get(node_id, {}),
+        )
 
     def _validate(self, work: RoundWork, tensors: Mapping[str, torch.Tensor], plan: ClientPlan) -> None:
         """Keys, shapes for the plan's rank (or the strategy's ``upload_shape``), dtype
@@ -438,22 +450,28 @@ class RoundEngine:
 
     # -- 3. aggregate -----------------------------------------------------------------
     def aggregate(self, work: RoundWork) -> bool:
-        """Aggregate ``work.updates`` into ``work.global_tensors``; ``False`` (and the
-        global adapter unchanged) when nothing valid is left or the aggregator fails."""
+        """Aggregate ``work.updates`` into ``work.global_tensors`` through the layers and
+        the strategy; ``False`` (and the global adapter unchanged) when no update is
+        valid or the aggregation fails."""
         server_round = work.server_round
-        updates = self._robust(work, work.updates)
-        if not updates:
+        if not work.updates:
             log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
             return False
         try:
             output: RoundOutput[Any] = self.aggregator.aggregate(
-                work.aggregator, work.global_tensors, updates, server_round
+                work.aggregator, work.global_tensors, work.updates, server_round
             )
             self._check_output(work, output)
         except (FedPeftError, ValueError, RuntimeError) as err:
             work.reasons.append(f"aggregation failed: {err}")
             log.error("round %d: aggregation failed (%s); the global adapter is unchanged", server_round, err)
             return False
+        for node_id, why in output.rejected.items():  # left out by a layer (e.g. outliers)
+            work.rejected += 1
+            reason = f"node {node_id}: {why}"
+            work.reasons.append(reason)
+            log.warning("round %d: rejected the update of %s", server_round, reason)
+        updates = list(output.updates) if output.updates is not None else list(work.updates)
         telemetry = self._telemetry(work, updates, output.tensors)
         work.aggregator = output.state
         work.global_tensors = dict(output.tensors)
@@ -467,31 +485,6 @@ class RoundEngine:
         work.metrics.update({**_weighted_metrics(updates), **telemetry, **dict(output.metrics)})
         work.strategy_metrics = {k: float(v) for k, v in output.metrics.items() if "layer/" not in k}
         return True
-
-    def _robust(self, work: RoundWork, updates: list[ClientUpdate]) -> list[ClientUpdate]:
-        """Reject norm outliers, then clip (``validation.*``)."""
-        v = self.cfg.validation
-        norms = [update_norm(u.tensors, work.sent.get(u.node_id, {})) for u in updates]
-        bad = set(outliers(norms, v.norm_factor))
-        for i in sorted(bad):
-            work.rejected += 1
-            reason = (
-                f"node {updates[i].node_id}: update norm {norms[i]:.3g} exceeds "
-                f"validation.norm-factor={v.norm_factor} x the round's median"
-            )
-            work.reasons.append(reason)
-            log.warning("round %d: rejected the update of %s", work.server_round, reason)
-        kept = [u for i, u in enumerate(updates) if i not in bad]
-        if v.clip_norm > 0:
-            clipped = 0
-            out = []
-            for u in kept:
-                tensors, was = clip_update(u.tensors, work.sent.get(u.node_id, {}), v.clip_norm)
-                clipped += int(was)
-                out.append(ClientUpdate(u.node_id, tensors, u.num_examples, u.metrics, u.plan))
-            work.metrics["clip/clipped"] = float(clipped)
-            kept = out
-        return kept
 
     def _check_output(self, work: RoundWork, output: RoundOutput[Any]) -> None:
         missing = sorted(set(work.global_tensors) - set(output.tensors))

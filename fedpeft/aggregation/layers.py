@@ -1,0 +1,148 @@
+"""Aggregation layers: aggregators that wrap an inner aggregator (TFF's aggregator
+factories, e.g. ``tff.aggregators.clipping_factory``, in fedpeft's state-in/state-out
+form).
+
+A layer sees the round's updates first, may drop or change some, then calls its
+inner aggregator; every other hook (``client_payload``, ``check_update``,
+``client_failed``, ``upload_shape``) is delegated to the inner one unchanged, so a
+layer composes with any strategy. Stateless layers pass the inner state through
+untouched (a checkpoint is the strategy's own state); a layer with state would nest
+the inner one under ``"inner"``. A layer's metrics are prefixed with its name; the
+updates it leaves out are reported in ``RoundOutput.rejected`` with their reason and
+the updates the aggregate was made of in ``RoundOutput.updates``.
+
+The engine stacks the configured layers around the strategy's aggregator
+(:func:`stack`): ``validation.norm-factor`` → :class:`RejectOutliers`, then
+``validation.clip-norm`` → :class:`ClipUpdates`, then the strategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from fedpeft.aggregation.base import AggregatorBase, hooks_of
+from fedpeft.aggregation.robust import clip_update, outliers, update_norm
+from fedpeft.errors import FedPeftError
+from fedpeft.types import ClientPlan, ClientUpdate, RoundOutput, TensorDict
+
+
+class Layer(AggregatorBase[Any]):
+    """An aggregator around ``inner``: override :meth:`process` (which updates go on,
+    changed or not); everything else is delegated.
+
+    Args:
+        inner: the wrapped aggregator (anything with the aggregator methods).
+    """
+
+    name = "layer"
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = hooks_of(inner)
+
+    def process(
+        self, updates: Sequence[ClientUpdate]
+    ) -> tuple[list[ClientUpdate], dict[str, float], dict[int, str]]:
+        """``(updates passed on, metrics without prefix, {node_id: reason} left out)``."""
+        return list(updates), {}, {}
+
+    def aggregate(
+        self, state: Any, global_tensors: TensorDict, updates: Sequence[ClientUpdate], server_round: int
+    ) -> RoundOutput[Any]:
+        """:meth:`process`, then the inner aggregator on what is left."""
+        kept, metrics, rejected = self.process(updates)
+        if not kept:
+            raise FedPeftError(f"{self.name}: every update was left out ({len(rejected)} rejected)")
+        out = self.inner.aggregate(state, global_tensors, kept, server_round)
+        return RoundOutput(
+            out.state,
+            out.tensors,
+            {**{f"{self.name}/{k}": v for k, v in metrics.items()}, **out.metrics},
+            updates=out.updates if out.updates is not None else tuple(kept),
+            rejected={**rejected, **out.rejected},
+        )
+
+    def initialize(self, global_tensors: TensorDict) -> Any:
+        """The inner state (a stateless layer adds none)."""
+        return self.inner.initialize(global_tensors)
+
+    def client_payload(self, state: Any, global_tensors: TensorDict, plan: ClientPlan) -> TensorDict:
+        """Delegated."""
+        return self.inner.client_payload(state, global_tensors, plan)
+
+    def check_update(self, state: Any, tensors: TensorDict, plan: ClientPlan) -> None:
+        """Delegated."""
+        self.inner.check_update(state, tensors, plan)
+
+    def client_failed(self, state: Any, plan: ClientPlan, reason: str) -> Any:
+        """Delegated."""
+        return self.inner.client_failed(state, plan, reason)
+
+    def upload_shape(
+        self, key: str, shape: tuple[int, ...], tensors: TensorDict, plan: ClientPlan
+    ) -> tuple[int, ...]:
+        """Delegated."""
+        return self.inner.upload_shape(key, shape, tensors, plan)
+
+
+class RejectOutliers(Layer):
+    """Leave out updates whose change ``‖x_k − r_k‖`` exceeds ``factor`` × the round's
+    low median (:func:`fedpeft.aggregation.robust.outliers`; needs ≥ 3 updates).
+
+    Works on the change of every uploaded float tensor (A and B, or whatever the
+    strategy uploads), not on the LoRA product."""
+
+    name = "outliers"
+
+    def __init__(self, inner: Any, factor: float) -> None:
+        super().__init__(inner)
+        self.factor = factor
+
+    def process(
+        self, updates: Sequence[ClientUpdate]
+    ) -> tuple[list[ClientUpdate], dict[str, float], dict[int, str]]:
+        """Drop the outliers, naming each with its norm."""
+        norms = [update_norm(u.tensors, u.received) for u in updates]
+        bad = set(outliers(norms, self.factor))
+        rejected = {
+            updates[i].node_id: (
+                f"update norm {norms[i]:.3g} exceeds validation.norm-factor={self.factor} "
+                "x the round's median"
+            )
+            for i in sorted(bad)
+        }
+        return [u for i, u in enumerate(updates) if i not in bad], {}, rejected
+
+
+class ClipUpdates(Layer):
+    """Scale each update's change to at most ``clip_norm`` (norm clipping as in DP-FedAvg,
+    McMahan et al., ICLR 2018); metric ``clip/clipped`` counts the clipped updates."""
+
+    name = "clip"
+
+    def __init__(self, inner: Any, clip_norm: float) -> None:
+        super().__init__(inner)
+        self.clip_norm = clip_norm
+
+    def process(
+        self, updates: Sequence[ClientUpdate]
+    ) -> tuple[list[ClientUpdate], dict[str, float], dict[int, str]]:
+        """Clip every update."""
+        out, clipped = [], 0
+        for u in updates:
+            tensors, was = clip_update(u.tensors, u.received, self.clip_norm)
+            clipped += int(was)
+            out.append(dataclasses.replace(u, tensors=tensors))
+        return out, {"clipped": float(clipped)}, {}
+
+
+def stack(aggregator: Any, *, norm_factor: float = 0.0, clip_norm: float = 0.0) -> AggregatorBase[Any]:
+    """The strategy's aggregator inside the configured layers (outermost first:
+    outlier rejection, clipping); a layer whose setting is 0 is left out."""
+    out: AggregatorBase[Any] = hooks_of(aggregator)
+    if clip_norm > 0:
+        out = ClipUpdates(out, clip_norm)
+    if norm_factor > 0:
+        out = RejectOutliers(out, norm_factor)
+    return out
