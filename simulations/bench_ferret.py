@@ -143,7 +143,8 @@ def goals(runs: dict[str, dict[str, Any]]) -> list[str]:
         met = (ratio >= 100 and gap <= 1) if base == "fedit" else total_base / total >= 1000
         out.append(
             f"- {name} vs {base}: uplink 1/{ratio:,.0f}, both directions 1/{total_base / total:,.0f}, "
-            f"final accuracy {gap:+.1f} pt behind (goal {goal}: {'met' if met else 'NOT met'})"
+            f"final accuracy {abs(gap):.1f} pt {'behind' if gap > 0 else 'ahead'} "
+            f"(goal {goal}: {'met' if met else 'NOT met'})"
         )
     return out
 
