@@ -52,13 +52,14 @@ class Aggregator(Protocol[S]):
 class AggregatorBase(Generic[S]):
     """Every hook the server calls on an aggregator, with its default.
 
-    Required: :meth:`initialize` and :meth:`aggregate`. Everything else has a default
-    that a plain averaging strategy keeps.
+    Required: :meth:`aggregate`. Everything else has a default that a plain averaging
+    strategy keeps.
     """
 
     def initialize(self, global_tensors: TensorDict) -> S:
-        """Return the initial state given the initial global adapter."""
-        raise NotImplementedError
+        """Return the initial state given the initial global adapter. Default: ``{}``
+        (no state)."""
+        return {}  # type: ignore[return-value]
 
     def aggregate(
         self,

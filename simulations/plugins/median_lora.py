@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpeft import FedStrategy, RoundOutput, StrategyEnv, broadcast, register_strategy
+from fedpeft import AggregatorBase, FedStrategy, RoundOutput, StrategyEnv, register_strategy
 
 
 @dataclass(frozen=True)
@@ -19,14 +19,11 @@ class MedianConfig:
     min_clients: int = 1  # skip the update when fewer clients replied
 
 
-class CoordinateMedian:
+@dataclass(frozen=True)
+class CoordinateMedian(AggregatorBase):
     """Each tensor entry becomes the median of the clients' values."""
 
-    def __init__(self, min_clients: int) -> None:
-        self.min_clients = min_clients
-
-    def initialize(self, global_tensors):
-        return {"rounds": 0}
+    min_clients: int = 1
 
     def aggregate(self, state, global_tensors, updates, server_round):
         new = dict(global_tensors)
@@ -34,11 +31,7 @@ class CoordinateMedian:
             for key in updates[0].tensors:
                 stacked = torch.stack([u.tensors[key] for u in updates])  # (N, *shape)
                 new[key] = stacked.median(dim=0).values
-        state = {"rounds": state["rounds"] + 1}
         return RoundOutput(state=state, tensors=new, metrics={"median/clients": len(updates)})
-
-    def client_payload(self, state, global_tensors, plan):
-        return broadcast(global_tensors)
 
 
 def build(config: MedianConfig, env: StrategyEnv) -> FedStrategy:
