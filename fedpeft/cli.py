@@ -30,6 +30,7 @@ from typing import Any
 from fedpeft.config import FlatConfig, flatten_toml, parse_overrides, parse_run_config
 from fedpeft.errors import FedPeftError
 from fedpeft.quiet import install as hide_known_noise
+from fedpeft.results import outcome_of
 
 
 def _env_defaults() -> None:
@@ -188,7 +189,13 @@ class RichObserver:
     """Progress display: one bar for rounds, one for this round's client replies."""
 
     def __init__(self, console: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.console = console
         self.progress = Progress(
@@ -274,8 +281,8 @@ def simulate(flat: FlatConfig, quiet: bool = False, verbose: bool = False) -> pa
     flat["output.dir"] = str(out_dir)
 
     from fedpeft.flower.engine_guard import SimulationStopped
-    from fedpeft.server.listeners import Observer
     from fedpeft.flower.simulation import check_resources, resume_hint, run_simulation_engine
+    from fedpeft.server.listeners import Observer
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -303,9 +310,10 @@ def simulate(flat: FlatConfig, quiet: bool = False, verbose: bool = False) -> pa
         raise FedPeftError(f"the simulation ended without results in {out_dir}; see the log above")
     data = json.loads(summary.read_text())
     rounds = data["rounds"]
-    if "stopped" in data:
+    outcome = outcome_of(data)
+    if outcome in ("budget", "failed"):
         console.print(f"stopped: {data['stopped']}")
-        if str(data["stopped"]).find("budget.bytes") < 0:
+        if outcome == "failed":
             raise FedPeftError(f"{data['stopped']}; resume with: fedpeft simulate --resume {out_dir}")
     elif len(rounds) < cfg.federation.rounds + 1:
         raise FedPeftError(

@@ -49,7 +49,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from fedpeft.errors import FedPeftError
-from fedpeft.results import atomic_write
+from fedpeft.results import atomic_write, outcome_of
 
 Metric = Literal["accuracy", "loss"]
 
@@ -93,6 +93,7 @@ class Run:
         downlink_bytes: total downlink bytes of the run.
         configured_rounds: ``federation.rounds`` of ``config.json``, or None.
         stopped: ``summary.json`` ``stopped`` (why the run stopped early), or None.
+        outcome: ``summary.json`` ``outcome`` (:func:`fedpeft.results.outcome_of`).
     """
 
     directory: pathlib.Path
@@ -105,6 +106,7 @@ class Run:
     downlink_bytes: int
     configured_rounds: int | None = None
     stopped: str | None = None
+    outcome: str = ""
 
     @property
     def last_round(self) -> int:
@@ -116,8 +118,8 @@ class Run:
         """``""`` (complete), ``"budget"`` (stopped by ``budget.bytes``, as configured),
         ``"stopped"`` (stopped early by a failure) or ``"interrupted"`` (fewer rounds
         than configured and no reason recorded)."""
-        if self.stopped is not None:
-            return "budget" if "budget.bytes" in self.stopped else "stopped"
+        if self.outcome in ("budget", "failed"):
+            return "budget" if self.outcome == "budget" else "stopped"
         if self.configured_rounds is not None and self.last_round < self.configured_rounds:
             return "interrupted"
         return ""
@@ -345,6 +347,7 @@ def load_run(directory: str | os.PathLike[str]) -> Run:
         downlink_bytes=total("downlink_bytes"),
         configured_rounds=configured_rounds,
         stopped=None if stopped is None else str(stopped),
+        outcome=outcome_of(summary),
     )
 
 

@@ -20,6 +20,23 @@ from typing import Any
 
 ROUND_FIELDS = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "seconds")
 
+OUTCOMES = ("complete", "budget", "failed")
+"""``summary.json`` → ``outcome``: every round ran; the run stopped before a round that
+would exceed ``budget.bytes`` (as configured); a round failed (``stopped`` says why)."""
+
+
+def outcome_of(summary: Mapping[str, Any]) -> str:
+    """The run's outcome (one of :data:`OUTCOMES`), or ``""`` while it is running or if
+    it was killed before it could write one. ``summary.json`` files written before the
+    ``outcome`` field existed are read from their ``stopped`` reason."""
+    outcome = summary.get("outcome")
+    if outcome in OUTCOMES:
+        return str(outcome)
+    stopped = summary.get("stopped")
+    if stopped is not None:
+        return "budget" if "budget.bytes" in str(stopped) else "failed"
+    return ""
+
 
 def atomic_write(path: pathlib.Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same dir + rename)."""

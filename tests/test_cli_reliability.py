@@ -483,9 +483,11 @@ def test_compare_flags_incomplete_runs_and_never_ranks_them(finished_run, tmp_pa
     for r in summary["rounds"]:
         r["accuracy"] = 0.99  # better than anything, and cheaper: would be on the front
     summary.pop("totals")
+    summary.pop("outcome")  # a killed run never writes its outcome
     (interrupted / "summary.json").write_text(json.dumps(summary))
     stopped = pathlib.Path(shutil.copytree(interrupted, tmp_path / "stopped"))
     summary["stopped"] = "round 2 got 0 valid updates, federation.min-replies is 1"
+    summary["outcome"] = "failed"
     (stopped / "summary.json").write_text(json.dumps(summary))
 
     proc = fedpeft(

@@ -470,13 +470,14 @@ def run_server(
                 evaluate_fn=adapter.evaluate,
             )
         except RoundFailed as err:
-            results.extra["stopped"] = str(err)
+            results.extra.update(stopped=str(err), outcome="failed")
             results.write()
             log.error("run stopped cleanly: %s; resume with --resume %s", err, out_dir)
             raise
         except BudgetExhausted as err:
-            results.extra["stopped"] = str(err)
+            results.extra.update(stopped=str(err), outcome="budget")
             log.warning("run stopped cleanly: %s", err)
+    results.extra.setdefault("outcome", "complete")
     ledger = ByteLedger(list(adapter.state.ledger))
     results.extra["totals"] = {
         "uplink_bytes": ledger.total("uplink"),

@@ -53,4 +53,4 @@ def test_budget_stops_the_run_cleanly_before_exceeding_it(tiny_config):
     assert [r["round"] for r in results.rounds] == [0, 1, 2]
     spent = sum(r["uplink_bytes"] + r["downlink_bytes"] for r in results.rounds)
     assert spent <= flat["budget.bytes"]
-    assert "budget.bytes" in results.extra["stopped"]
+    assert "budget.bytes" in results.extra["stopped"] and results.extra["outcome"] == "budget"

@@ -124,7 +124,7 @@ def test_all_replies_rejected_keeps_global_intact(tiny_config):
         _run({**tiny_config, "federation.rounds": 1}, tamper=tamper)
     summary = json.loads((pathlib.Path(tiny_config["output.dir"]) / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [0]  # nothing was aggregated
-    assert "stopped" in summary
+    assert "stopped" in summary and summary["outcome"] == "failed"
 
 
 def test_saved_adapter_loads_with_peft(tiny_config):
