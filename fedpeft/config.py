@@ -769,33 +769,6 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     if entry is not None and options is None:
         options = entry.config_cls()
 
-    lora: LoraSettings = built["lora"]
-    if not lora.problems() and lora.rank_list and entry is not None:
-        fed = None
-        try:
-            from fedpeft.registry import StrategyEnv
-
-            fed = entry.build(
-                options,
-                StrategyEnv(
-                    seed=seed,
-                    num_rounds=built["federation"].rounds,
-                    clients_per_round=built["federation"].sampled,
-                    rank=lora.max_rank,
-                    ranks=lora.rank_list,
-                    lora_alpha=lora.alpha,
-                    use_rslora=lora.rslora,
-                ),
-            )
-        except (ConfigError, ValueError) as err:
-            problems.append(f"{strategy_name}: {err}")
-        if fed is not None and not fed.mixed_ranks and len(set(lora.rank_list)) > 1:
-            problems.append(
-                f"strategy {strategy_name!r} does not support mixed ranks "
-                f"(lora.ranks={lora.ranks!r}); use one rank or a strategy with mixed-rank "
-                "support"
-            )
-
     if problems:
         raise ConfigError(problems)
     return RunConfig(seed=seed, options=options, **built)

@@ -87,3 +87,16 @@ def test_overrides_need_key_value():
     assert parse_overrides(["a.b=1"]) == {"a.b": "1"}
     with pytest.raises(ConfigError, match="--set expects key=value"):
         parse_overrides(["a.b"])
+
+
+def test_strategy_compatibility_is_decided_in_build_strategy():
+    """Mixed ranks, lossy codecs and privacy options are checked in one place."""
+    from fedpeft.server.setup import build_strategy
+
+    cfg = parse_run_config({"strategy.name": "ffa-lora", "lora.ranks": "4,8"})  # keys are fine
+    with pytest.raises(ConfigError, match="'ffa-lora' does not support mixed ranks"):
+        build_strategy(cfg)
+    with pytest.raises(ConfigError, match="lora.ranks"):  # the strategy's own build refuses
+        build_strategy(parse_run_config({"strategy.name": "ferret", "lora.ranks": "4,8"}))
+    with pytest.raises(ConfigError, match="needs exact client tensors"):
+        build_strategy(parse_run_config({"strategy.name": "ferret", "codec.uplink": "int8"}))

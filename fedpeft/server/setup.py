@@ -1,8 +1,8 @@
 """Building a run's server side from its config, checked once, in one place.
 
 ``build_strategy`` is the single place where strategy × ranks × codecs × privacy
-compatibility is decided (``parse_run_config`` checks only what a strategy's own
-``build`` refuses, so a bad config fails before any model is loaded).
+compatibility is decided (``parse_run_config`` checks keys and values;
+``fedpeft.preflight.check_config`` runs both before any model is loaded).
 """
 
 from __future__ import annotations
@@ -41,7 +41,16 @@ def build_strategy(cfg: RunConfig) -> tuple[FedStrategy, Chain, Chain]:
             needs exact tensors, an uplink-only stage on the downlink, privacy options
             the strategy or codec cannot honour).
     """
-    fed = get_strategy(cfg.strategy.name).build(cfg.options, strategy_env(cfg))
+    name = cfg.strategy.name
+    try:
+        fed = get_strategy(name).build(cfg.options, strategy_env(cfg))
+    except ValueError as err:
+        raise ConfigError(f"{name}: {err}") from err
+    if not fed.mixed_ranks and len(set(cfg.lora.rank_list)) > 1:
+        raise ConfigError(
+            f"strategy {name!r} does not support mixed ranks (lora.ranks={cfg.lora.ranks!r}); "
+            "use one rank or a strategy with mixed-rank support"
+        )
     uplink, downlink = build_codec(cfg.codec.uplink), build_codec(cfg.codec.downlink)
     if not fed.lossy_codecs:
         lossy = [
@@ -55,7 +64,6 @@ def build_strategy(cfg: RunConfig) -> tuple[FedStrategy, Chain, Chain]:
                 "such as 'identity' or 'zstd'"
             )
     problems = []
-    name = cfg.strategy.name
     one_way = [s.name for s in downlink.stages if getattr(s, "uplink_only", False)]
     if one_way:
         problems.append(
