@@ -92,6 +92,7 @@ from fedpeft.pruning import (
 from fedpeft.pruning.bert import (
     encoder_layers,
     lora_masks,
+    module_role,
     prune_bert_,
     structure_counts,
     structure_scores,
@@ -305,9 +306,10 @@ class FedSpineAggregator(AggregatorBase[Any]):
         out = {}
         for m in lora_modules(global_tensors):
             a_key, b_key = factor_keys(m)
-            if ".attention.self." in m:
+            role = (module_role(m) or (None, None))[1]
+            if role == "attention-in":
                 width = int(global_tensors[b_key].shape[0])  # B: (H·d_h, r)
-            elif m.endswith("attention.output.dense"):
+            elif role == "attention-out":
                 width = int(global_tensors[a_key].shape[1])  # A: (r, H·d_h)
             else:
                 continue
@@ -356,11 +358,9 @@ class FedSpineAggregator(AggregatorBase[Any]):
         _check_masks(heads, channels)
         module = lora_module_of(key)
         is_b = key == factor_keys(module)[1]
-        layer = _layer_of(module)
-        attention_in = ".attention.self." in module
-        attention_out = module.endswith("attention.output.dense")
-        ffn_up = module.endswith("intermediate.dense")
-        ffn_down = module.endswith(".output.dense") and not attention_out
+        layer, role = module_role(module) or (None, None)
+        attention_in, attention_out = role == "attention-in", role == "attention-out"
+        ffn_up, ffn_down = role == "ffn-up", role == "ffn-down"
         out = list(want)
         dim = 0 if is_b else 1  # B: (d_out, r) rows; A: (r, d_in) columns
         if heads is not None and ((attention_in and is_b) or (attention_out and not is_b)):
@@ -452,14 +452,6 @@ def _row(mask: torch.Tensor, layer: int | None, module: str, what: str) -> torch
     if layer is None or layer >= mask.shape[0]:
         raise IncompatibleUpdateError(f"aux.fedspine.{what} has no row for {module}")
     return mask[layer]
-
-
-def _layer_of(module: str) -> int | None:
-    parts = module.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part == "layer" and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
 
 
 # -- client ------------------------------------------------------------------------

@@ -37,6 +37,26 @@ _MODULE = re.compile(
 )
 
 
+_ROLES = {
+    "attention.output.dense": "attention-out",
+    "intermediate.dense": "ffn-up",
+    "output.dense": "ffn-down",
+}
+
+
+def module_role(module: str) -> tuple[int, str] | None:
+    """``(encoder layer, role)`` of a BERT linear module in structured pruning, or
+    ``None`` for any other module. Roles: ``attention-in`` (query/key/value: rows are
+    heads), ``attention-out`` (``attention.output.dense``: columns are heads),
+    ``ffn-up`` (``intermediate.dense``: rows are FFN channels), ``ffn-down`` (the FFN's
+    ``output.dense``: columns are channels). The one place that knows BERT's names."""
+    match = _MODULE.search(module)
+    if match is None:
+        return None
+    layer, name = int(match.group(1)), match.group(2)
+    return layer, _ROLES.get(name, "attention-in")
+
+
 def encoder_layers(model: nn.Module) -> list[nn.Module]:
     """The encoder layers of ``model`` (the first module with ``.encoder.layer``).
 
