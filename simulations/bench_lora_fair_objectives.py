@@ -11,7 +11,7 @@ objective and reads the strategy's own pooled metrics (all layers of a problem):
   *and* norm ratio at least FedIT's (``≥ norm_ratio_before − 1e-12``),
 
 with ``ΔW = Σ_k p_k B_k A_k``. Objectives (``lora-fair.objective``, λ = 0.01 each, module
-doc of ``strategies/lora_fair.py``): ``fro-no-shrink`` (the default), ``cosine``,
+doc of ``strategies/lora_fair/``): ``fro-no-shrink`` (the default), ``cosine``,
 ``cosine-rescaled``, ``fro``, ``residual``, and ``fro λ=0`` for reference (the
 least-squares projection: the smallest error any correction of B can reach).
 
