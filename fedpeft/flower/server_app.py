@@ -239,14 +239,11 @@ class FlowerStrategyAdapter(Strategy):
         return rec.metrics_record(result.evaluation) if result.evaluation else None
 
 
-class FaultGrid(Grid):
-    """Drops replies as ``faults.drop-rate`` says (fault injection in simulation): the
-    server then sees no reply from that client, exactly as after a lost message."""
+class ForwardingGrid(Grid):
+    """A ``Grid`` that forwards everything to ``inner``; wrappers override what they change."""
 
-    def __init__(self, inner: Grid, faults: FaultConfig, seed: int) -> None:
+    def __init__(self, inner: Grid) -> None:
         self.inner = inner
-        self.faults = faults
-        self.seed = seed
 
     @property
     def run(self) -> Any:
@@ -266,12 +263,26 @@ class FaultGrid(Grid):
         return self.inner.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Forward (only ``send_and_receive`` injects faults)."""
+        """Forward."""
         return self.inner.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Forward."""
         return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Forward."""
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class FaultGrid(ForwardingGrid):
+    """Drops replies as ``faults.drop-rate`` says (fault injection in simulation): the
+    server then sees no reply from that client, exactly as after a lost message."""
+
+    def __init__(self, inner: Grid, faults: FaultConfig, seed: int) -> None:
+        super().__init__(inner)
+        self.faults = faults
+        self.seed = seed
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Send, then drop the replies of training messages the fault draw drops."""
@@ -303,39 +314,14 @@ class FaultGrid(Grid):
         return kept
 
 
-class ProgressGrid(Grid):
+class ProgressGrid(ForwardingGrid):
     """A ``Grid`` that forwards to another and reports each reply as it arrives."""
 
     def __init__(self, inner: Grid, observer: Observer, pull_interval: float = 0.1) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.observer = observer
         self.pull_interval = pull_interval
         self.current_round = 0
-
-    @property
-    def run(self) -> Any:
-        """The inner grid's run."""
-        return self.inner.run
-
-    def set_run(self, run: Any) -> None:
-        """Forward."""
-        self.inner.set_run(run)
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        """Forward."""
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Forward."""
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Forward."""
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Forward."""
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push, then pull until every reply arrived or ``timeout`` passed."""
