@@ -57,10 +57,10 @@ IN_PROCESS = textwrap.dedent(
     if "--no-client-state-check" in sys.argv:  # a server that cannot see client disks
         sys.argv.remove("--no-client-state-check")
         import fedpeft.checkpoint
-        import fedpeft.flower.server_app
+        import fedpeft.server.run
 
         fedpeft.checkpoint.check_client_states = lambda *a, **k: 0
-        fedpeft.flower.server_app.check_client_states = lambda *a, **k: 0
+        fedpeft.server.run.check_client_states = lambda *a, **k: 0
     from fedpeft.cli import main
 
     sys.exit(main(sys.argv[1:]))

@@ -37,13 +37,11 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft.checkpoint import check_client_states, keep_details_until, load_for_resume
-from fedpeft.config import FaultConfig, RunConfig, parse_run_config
+from fedpeft.config import FaultConfig, RunConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.faults import draw_fault
 from fedpeft.flower import records as rec
-from fedpeft.ledger import ByteLedger
-from fedpeft.results import RunResults, write_config
+from fedpeft.results import RunResults
 from fedpeft.server.engine import (
     BudgetExhausted,
     Outgoing,
@@ -53,8 +51,8 @@ from fedpeft.server.engine import (
     RoundWork,
     ServerState,
 )
-from fedpeft.server.listeners import Checkpointer, Observer, Progress, ResultsWriter, RoundListener
-from fedpeft.server.setup import build_strategy, checkpoint_dir, resolve_output_dir
+from fedpeft.server.listeners import Observer, RoundListener
+from fedpeft.server.run import ServerRun
 from fedpeft.types import ClientPlan, NodeInfo
 
 log = logging.getLogger("fedpeft")
@@ -395,88 +393,27 @@ def run_server(
         run_config: the flat run config.
         observer: progress callbacks.
     """
-    from fedpeft.tasks import get_task
-
-    observer = observer or Observer()
-    cfg = parse_run_config(run_config)
-    fed, uplink, downlink = build_strategy(cfg)
-    out_dir = resolve_output_dir(cfg)
-    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out_dir)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = checkpoint_dir(cfg)
-    details_path = out_dir / "details.jsonl"
-    resumed = None
-    if cfg.checkpoint.resume:  # a continuation: its checkpoint must exist and be readable
-        resumed = load_for_resume(ckpt_dir, cfg.federation.rounds)
-        check_client_states(ckpt_dir, resumed.server_round)
-        keep_details_until(details_path, resumed.server_round)
-    write_config(out_dir, cfg.to_flat(), cfg.seed)
-    task = get_task(cfg)
-    model = task.model(cfg.lora.max_rank)
-    test = task.test_data() if cfg.eval.server else None
-
-    def evaluate(tensors: Mapping[str, Any]) -> dict[str, float]:
-        if test is None:
-            return {}
-        model.load(tensors)
-        return task.evaluate(model, test)
-
-    progress = ProgressGrid(grid, observer)
-    nodes = discover_nodes(progress, cfg)
-    client_state_dir = str(ckpt_dir) if cfg.checkpoint.every and cfg.checkpoint.client_state else ""
-    engine = RoundEngine(cfg, fed, uplink, downlink, nodes, model.layout, evaluate, client_state_dir)
-    results = RunResults(out_dir, strategy=cfg.strategy.name, task=cfg.task.name)
-    results.extra.update({"seed": cfg.seed, "clients": len(nodes), "codec": {"uplink": uplink.name, "downlink": downlink.name}})
-    split = task.split_summary(cfg.federation.clients)
-    results.extra["split"] = split
-    if resumed is not None:
-        state = ServerState.from_checkpoint(
-            resumed.server_round, resumed.global_tensors, resumed.states, resumed.meta["ledger"]
-        )
-        results.rounds = list(resumed.meta["results"])
-        log.info("resuming after round %d from %s", resumed.server_round, ckpt_dir)
-    else:
-        state = engine.initial_state(model.initial)
-        details_path.write_text("")
-    listeners = [
-        ResultsWriter(results, details_path, split),
-        Checkpointer(ckpt_dir, cfg.checkpoint.every, cfg.federation.rounds, results),
-        Progress(observer),
-    ]
-    adapter = FlowerStrategyAdapter(engine, state, listeners, observer)
-    observer.run_start(cfg.federation.rounds, out_dir)
-    remaining = cfg.federation.rounds - state.round
+    run = ServerRun(run_config, observer)
+    progress = ProgressGrid(grid, run.observer)
+    nodes = discover_nodes(progress, run.cfg)
+    engine, state, listeners = run.start(nodes)
+    adapter = FlowerStrategyAdapter(engine, state, listeners, run.observer)
+    remaining = run.cfg.federation.rounds - state.round
     if remaining > 0:
         try:
-            wrap_privacy(cfg, adapter).start(
-                grid=FaultGrid(progress, cfg.faults, cfg.seed),
+            wrap_privacy(run.cfg, adapter).start(
+                grid=FaultGrid(progress, run.cfg.faults, run.cfg.seed),
                 initial_arrays=rec.tensors_to_record(state.global_tensors),
                 num_rounds=remaining,
-                timeout=cfg.federation.timeout,
+                timeout=run.cfg.federation.timeout,
                 evaluate_fn=adapter.evaluate,
             )
         except RoundFailed as err:
-            results.extra.update(stopped=str(err), outcome="failed")
-            results.write()
-            log.error("run stopped cleanly: %s; resume with --resume %s", err, out_dir)
+            run.stop(err, "failed")
             raise
         except BudgetExhausted as err:
-            results.extra.update(stopped=str(err), outcome="budget")
-            log.warning("run stopped cleanly: %s", err)
-    results.extra.setdefault("outcome", "complete")
-    ledger = ByteLedger(list(adapter.state.ledger))
-    results.extra["totals"] = {
-        "uplink_bytes": ledger.total("uplink"),
-        "downlink_bytes": ledger.total("downlink"),
-        "uplink_payload_bytes": ledger.total("uplink", payload=True),
-        "downlink_payload_bytes": ledger.total("downlink", payload=True),
-    }
-    results.write()
-    if cfg.output.save_adapter:
-        model.load(adapter.state.global_tensors)
-        model.save_adapter(out_dir / "adapter")
-    results.plot()
-    return results
+            run.stop(err, "budget")
+    return run.finish(adapter.state)
 
 
 def make_server_app(

@@ -1,4 +1,5 @@
-"""The server side of a run with no Flower import: setup, the round engine, listeners.
+"""The server side of a run with no Flower import: setup, the round engine, listeners,
+and the run around them (``ServerRun``).
 
 :mod:`fedpeft.flower.server_app` drives it through Flower's strategy interface; tests
 drive it directly (``tests/test_engine.py``).
@@ -16,6 +17,7 @@ from fedpeft.server.engine import (
     ServerState,
 )
 from fedpeft.server.listeners import Checkpointer, Observer, Progress, ResultsWriter, RoundListener
+from fedpeft.server.run import ServerRun
 from fedpeft.server.setup import build_strategy, checkpoint_dir, resolve_output_dir, strategy_env
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "RoundListener",
     "RoundResult",
     "RoundWork",
+    "ServerRun",
     "ServerState",
     "build_strategy",
     "checkpoint_dir",
