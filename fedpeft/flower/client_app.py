@@ -25,15 +25,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.checkpoint import load_client_state, save_client_state
-from fedpeft.client.algorithm import finish_with_carry, overrides
-from fedpeft.codecs import CodecContext, build_codec
-from fedpeft.codecs.tensors import decode_tensors, encode_tensors
+from fedpeft.client.round import evaluate_client, run_client_round
 from fedpeft.config import RunConfig, parse_run_config
 from fedpeft.errors import FedPeftError
 from fedpeft.faults import draw_fault
 from fedpeft.flower import records as rec
-from fedpeft.registry import get_strategy
-from fedpeft.seeding import derive_seed
 
 _CONFIGS: dict[frozenset[tuple[str, Any]], RunConfig] = {}
 
@@ -51,12 +47,6 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", 1))
 
 
-def _client_algorithm(cfg: RunConfig) -> Any:
-    from fedpeft.server.setup import strategy_env
-
-    return get_strategy(cfg.strategy.name).build(cfg.options, strategy_env(cfg)).client
-
-
 def handle_hello(msg: Message, context: Context, bound: Mapping[str, Any]) -> Message:
     """Report partition id, partition count and the node config's scalars."""
     pid, num = _partition(context)
@@ -69,8 +59,6 @@ def handle_hello(msg: Message, context: Context, bound: Mapping[str, Any]) -> Me
 
 def handle_train(msg: Message, context: Context, bound: Mapping[str, Any]) -> Message:
     """One round of local training."""
-    from fedpeft.tasks import get_task
-
     started = time.perf_counter()
     cfg = _config(context, bound)
     config = msg.content[rec.CONFIG]
@@ -86,74 +74,25 @@ def handle_train(msg: Message, context: Context, bound: Mapping[str, Any]) -> Me
     ckpt = config.get(rec.CLIENT_CHECKPOINT_DIR)
     if ckpt and rec.CLIENT_STATE not in context.state:
         _restore_client_state(context, str(ckpt), plan.partition_id, server_round)
-    task = get_task(cfg)
-    model = task.model(plan.rank)
-    algorithm = _client_algorithm(cfg)
-
-    downlink, uplink = build_codec(cfg.codec.downlink), build_codec(cfg.codec.uplink)
-    down_ctx = CodecContext(
-        seed=derive_seed(cfg.seed, "downlink", server_round, plan.partition_id),
-        direction="downlink",
-    )
-    payload = rec.record_to_payload(msg.content[rec.ARRAYS], msg.content.get(rec.CODEC))
-    received = decode_tensors(payload, downlink, down_ctx)
-
     state = (
         rec.record_to_tensors(context.state[rec.CLIENT_STATE])
         if rec.CLIENT_STATE in context.state
         else {}
     )
-    opened = algorithm.start(received, model.initial, state, plan)
-    start, trainable = opened
-    model.load(start)
-    train_data, _ = task.client_data(pid, num)
-    extra_metrics: dict[str, float] = {}
-    local = (
-        algorithm.local_round(task, model, train_data, trainable, plan, state)
-        if overrides(algorithm, "local_round")
-        else None
-    )
-    if local is not None:
-        result, trained = local.result, local.tensors
-        extra_metrics = {k: float(v) for k, v in local.metrics.items()}
-        state = {**state, **local.state}
-    else:
-        penalty = (
-            (lambda params: algorithm.penalty(params, plan)) if overrides(algorithm, "penalty") else None
-        )
-        result = task.train(model, train_data, trainable, plan.seed, penalty)
-        trained = model.tensors()
-    upload, new_state = finish_with_carry(algorithm, opened, trained, received, state, plan)
-    context.state[rec.CLIENT_STATE] = rec.tensors_to_record(new_state)
-
     codec_state = (
         rec.record_to_arrays(context.state[rec.CODEC_STATE])
         if rec.CODEC_STATE in context.state
         else {}
     )
-    up_ctx = CodecContext(
-        seed=derive_seed(cfg.seed, "uplink", server_round, plan.partition_id),
-        direction="uplink",
-        reference=received,
-    )
-    try:
-        encoded, codec_state = encode_tensors(upload, uplink, codec_state, up_ctx)
-    except FedPeftError:  # shapes changed since the residuals were kept (new rank)
-        encoded, codec_state = encode_tensors(upload, uplink, {}, up_ctx)
-    context.state[rec.CODEC_STATE] = rec.arrays_to_record(codec_state)
+    payload = rec.record_to_payload(msg.content[rec.ARRAYS], msg.content.get(rec.CODEC))
+    out = run_client_round(cfg, plan, server_round, (pid, num), payload, state, codec_state, started)
+    context.state[rec.CLIENT_STATE] = rec.tensors_to_record(out.state)
+    context.state[rec.CODEC_STATE] = rec.arrays_to_record(out.codec_state)
     if ckpt:
-        _save_client_state(str(ckpt), plan.partition_id, server_round, new_state, codec_state)
-    arrays, meta = rec.payload_to_record(encoded)
-    metrics = {
-        rec.NUM_EXAMPLES: result.num_examples,
-        "train-loss": result.loss if result.steps else 0.0,
-        "steps": result.steps,
-        "train-seconds": result.seconds,
-        "client-seconds": time.perf_counter() - started,
-        **extra_metrics,
-    }
+        _save_client_state(str(ckpt), plan.partition_id, server_round, out.state, out.codec_state)
+    arrays, meta = rec.payload_to_record(out.payload)
     content = RecordDict(
-        {rec.ARRAYS: arrays, rec.CODEC: meta, rec.METRICS: rec.metrics_record(metrics)}
+        {rec.ARRAYS: arrays, rec.CODEC: meta, rec.METRICS: rec.metrics_record(out.metrics)}
     )
     return Message(content, reply_to=msg)
 
@@ -188,26 +127,15 @@ def _restore_client_state(context: Context, directory: str, partition_id: int, s
 
 def handle_evaluate(msg: Message, context: Context, bound: Mapping[str, Any]) -> Message:
     """Evaluate the received global adapter on the local held-out split."""
-    from fedpeft.tasks import get_task
-
     cfg = _config(context, bound)
     plan = rec.config_to_plan(msg.content[rec.CONFIG], context.node_id)
-    pid, num = _partition(context)
-    task = get_task(cfg)
-    model = task.model(plan.rank)
-    received = rec.record_to_tensors(msg.content[rec.ARRAYS])
-    start, _ = _client_algorithm(cfg).start(
-        received,
-        model.initial,
+    state = (
         rec.record_to_tensors(context.state[rec.CLIENT_STATE])
         if rec.CLIENT_STATE in context.state
-        else {},
-        plan,
+        else {}
     )
-    model.load(start)
-    _, test = task.client_data(pid, num)
-    metrics: dict[str, float | int] = dict(task.evaluate(model, test))
-    metrics[rec.NUM_EXAMPLES] = len(test)
+    received = rec.record_to_tensors(msg.content[rec.ARRAYS])
+    metrics = evaluate_client(cfg, plan, _partition(context), received, state)
     return Message(RecordDict({rec.METRICS: rec.metrics_record(metrics)}), reply_to=msg)
 
 

@@ -1,0 +1,142 @@
+"""One client round without transport: decode what the server sent, run the strategy's
+client half around local training, encode the upload.
+
+``fedpeft.flower.client_app`` only reads the Message and ``Context.state`` into these
+arguments and writes the result back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedpeft.client.algorithm import finish_with_carry, overrides
+from fedpeft.codecs import CodecContext, build_codec
+from fedpeft.codecs.base import Payload
+from fedpeft.codecs.tensors import decode_tensors, encode_tensors
+from fedpeft.config import RunConfig
+from fedpeft.errors import FedPeftError
+from fedpeft.registry import get_strategy
+from fedpeft.seeding import derive_seed
+from fedpeft.types import ClientPlan, TensorDict
+
+
+@dataclass(frozen=True)
+class ClientRound:
+    """What a client round produced.
+
+    Attributes:
+        payload: the encoded upload.
+        state: the strategy's client state for the next round.
+        codec_state: the uplink codec's state (error-feedback residuals).
+        metrics: ``num-examples`` and training metrics for the reply.
+    """
+
+    payload: Payload
+    state: TensorDict
+    codec_state: dict[str, np.ndarray]
+    metrics: dict[str, Any]
+
+
+def client_algorithm(cfg: RunConfig) -> Any:
+    """The configured strategy's client half."""
+    from fedpeft.server.setup import strategy_env
+
+    return get_strategy(cfg.strategy.name).build(cfg.options, strategy_env(cfg)).client
+
+
+def run_client_round(
+    cfg: RunConfig,
+    plan: ClientPlan,
+    server_round: int,
+    partition: tuple[int, int],
+    received_payload: Payload,
+    state: TensorDict,
+    codec_state: Mapping[str, np.ndarray],
+    started: float | None = None,
+) -> ClientRound:
+    """Train one round for ``plan`` on partition ``(id, count)``.
+
+    Args:
+        cfg: the run config.
+        plan: this round's plan.
+        server_round: the round number.
+        partition: ``(partition id, number of partitions)`` of this node's data.
+        received_payload: the encoded payload the server sent.
+        state: the strategy's client state from earlier rounds (``{}`` at first).
+        codec_state: the uplink codec's state from earlier rounds.
+        started: when the round started (``time.perf_counter()``), for ``client-seconds``.
+    """
+    from fedpeft.tasks import get_task
+
+    started = time.perf_counter() if started is None else started
+    task = get_task(cfg)
+    model = task.model(plan.rank)
+    algorithm = client_algorithm(cfg)
+    downlink, uplink = build_codec(cfg.codec.downlink), build_codec(cfg.codec.uplink)
+    down_ctx = CodecContext(
+        seed=derive_seed(cfg.seed, "downlink", server_round, plan.partition_id), direction="downlink"
+    )
+    received = decode_tensors(received_payload, downlink, down_ctx)
+
+    opened = algorithm.start(received, model.initial, state, plan)
+    start, trainable = opened
+    model.load(start)
+    train_data, _ = task.client_data(*partition)
+    extra_metrics: dict[str, float] = {}
+    local = (
+        algorithm.local_round(task, model, train_data, trainable, plan, state)
+        if overrides(algorithm, "local_round")
+        else None
+    )
+    if local is not None:
+        result, trained = local.result, local.tensors
+        extra_metrics = {k: float(v) for k, v in local.metrics.items()}
+        state = {**state, **local.state}
+    else:
+        penalty = (
+            (lambda params: algorithm.penalty(params, plan)) if overrides(algorithm, "penalty") else None
+        )
+        result = task.train(model, train_data, trainable, plan.seed, penalty)
+        trained = model.tensors()
+    upload, new_state = finish_with_carry(algorithm, opened, trained, received, state, plan)
+
+    up_ctx = CodecContext(
+        seed=derive_seed(cfg.seed, "uplink", server_round, plan.partition_id),
+        direction="uplink",
+        reference=received,
+    )
+    try:
+        encoded, new_codec_state = encode_tensors(upload, uplink, dict(codec_state), up_ctx)
+    except FedPeftError:  # shapes changed since the residuals were kept (new rank)
+        encoded, new_codec_state = encode_tensors(upload, uplink, {}, up_ctx)
+    metrics = {
+        "num-examples": result.num_examples,
+        "train-loss": result.loss if result.steps else 0.0,
+        "steps": result.steps,
+        "train-seconds": result.seconds,
+        "client-seconds": time.perf_counter() - started,
+        **extra_metrics,
+    }
+    return ClientRound(encoded, new_state, dict(new_codec_state), metrics)
+
+
+def evaluate_client(
+    cfg: RunConfig, plan: ClientPlan, partition: tuple[int, int], received: TensorDict, state: TensorDict
+) -> dict[str, Any]:
+    """Evaluate the received global adapter (as the client's ``start`` loads it) on the
+    partition's held-out split; ``num-examples`` is that split's size."""
+    from fedpeft.tasks import get_task
+
+    task = get_task(cfg)
+    model = task.model(plan.rank)
+    start, _ = client_algorithm(cfg).start(received, model.initial, state, plan)
+    model.load(start)
+    _, test = task.client_data(*partition)
+    metrics: dict[str, Any] = dict(task.evaluate(model, test))
+    metrics["num-examples"] = len(test)
+    return metrics
