@@ -9,6 +9,7 @@ the strategy registry and the typed run config. Flower itself is only touched by
 """
 
 from fedpeft.aggregation import Aggregator, AggregatorBase, WeightedMean, broadcast, weighted_mean
+from fedpeft.aggregation.layers import Layer, PadToRank
 from fedpeft.aggregation.mean import client_weights
 from fedpeft.client import ClientAlgorithm, ClientAlgorithmBase, FullAdapter, LocalRound, Started
 from fedpeft.codecs import Codec, CodecContext, Payload, build_codec, register_codec
@@ -48,8 +49,10 @@ __all__ = [
     "FedStrategy",
     "FullAdapter",
     "IncompatibleUpdateError",
+    "Layer",
     "LocalRound",
     "NodeInfo",
+    "PadToRank",
     "Payload",
     "RegistryError",
     "RoundOutput",

@@ -335,6 +335,21 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class AggregationConfig:
+    """How client updates are combined, for every strategy (layers around the
+    strategy's aggregator, :mod:`fedpeft.aggregation.layers`).
+
+    Attributes:
+        weighting: ``examples`` (default; FedAvg's ``p_k = n_k / Σ n``, McMahan et al.,
+            2017, and every strategy's paper) or ``equal`` (``p_k = 1/N``: each client
+            counts as one example; e.g. Ferret's and FedEx-LoRA's reference scripts).
+            Client records and metrics keep the real example counts.
+    """
+
+    weighting: Literal["examples", "equal"] = "examples"
+
+
+@dataclass(frozen=True)
 class BudgetConfig:
     """Communication budget.
 
@@ -517,6 +532,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
@@ -547,6 +563,7 @@ _SECTIONS = (
     "checkpoint",
     "faults",
     "validation",
+    "aggregation",
     "budget",
     "privacy",
     "codec",
@@ -804,7 +821,16 @@ def known_keys_safe() -> list[str]:
         return list(RunConfig().to_flat())
 
 
+_MOVED = {
+    "equal-weights": "aggregation.weighting=equal (or examples) for every strategy",
+}
+"""Strategy options that became framework keys: ``{option: what replaces it}``."""
+
+
 def _unknown(key: str, valid: list[str]) -> str:
+    moved = _MOVED.get(key.rpartition(".")[2].replace("_", "-"))
+    if moved and "." in key:
+        return f"config key {key!r} was replaced by {moved}"
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return f"unknown config key {key!r}{hint}"

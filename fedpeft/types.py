@@ -23,6 +23,10 @@ Scalar = int | float | str | bool
 
 S = TypeVar("S")
 
+NUM_EXAMPLES = "num-examples"
+"""Key of a client's example count in its reply metrics (its aggregation weight under
+``aggregation.weighting=examples``)."""
+
 AUX_PREFIX = "aux."
 """Uploaded keys with this prefix are strategy-defined auxiliary tensors (e.g.
 ``"aux.hetlora.rank"``): the server checks them for finite values only."""
@@ -98,9 +102,10 @@ class RoundOutput(Generic[S]):
         tensors: the new global adapter (every key the global adapter has).
         metrics: finite diagnostic numbers, keys namespaced by layer, e.g.
             ``"lora_fair/cosine"``.
-        updates: the updates the aggregate was made of, as the innermost aggregator saw
-            them (after aggregation layers dropped or changed some); ``None``: the
-            updates passed in, unchanged.
+        updates: the updates the aggregate was made of, after aggregation layers
+            dropped or changed some (clipped); a *transparent* layer (equal weighting,
+            rank padding) reports them as they came in. ``None``: the updates passed
+            in, unchanged.
         rejected: ``{node_id: reason}`` of updates a layer left out.
     """
 

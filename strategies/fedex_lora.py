@@ -64,14 +64,9 @@ class FedExLoraConfig:
     Default differs from the paper: example-count weights ``p_k ∝ n_k`` (paper's
     equations and reference code: plain means over the clients) because fedpeft
     weights every strategy by local examples (ALGORITHMS.md §0) so that methods are
-    compared under the same weights; ``equal_weights = true`` gives the paper's
+    compared under the same weights; ``aggregation.weighting=equal`` gives the paper's
     means, and the exactness identity holds for either.
-
-    Attributes:
-        equal_weights: plain means as in the reference code instead of example counts.
     """
-
-    equal_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,11 +75,9 @@ class FedExLoraAggregator(AggregatorBase[Any]):
 
     Attributes:
         layout: scaling of the adapter.
-        equal_weights: weight clients equally.
     """
 
     layout: AdapterLayout
-    equal_weights: bool = False
 
     def initialize(self, global_tensors: TensorDict) -> dict[str, Any]:
         """Stateless: the cumulative base delta lives in the global adapter."""
@@ -104,7 +97,7 @@ class FedExLoraAggregator(AggregatorBase[Any]):
         server_round: int,
     ) -> RoundOutput[dict[str, Any]]:
         """FedIT means plus ``D += M − s·B̄Ā`` per layer."""
-        weights = client_weights(updates, self.equal_weights)
+        weights = client_weights(updates)
         adapter = {k: v for k, v in global_tensors.items() if not is_base_delta_key(k)}
         gfactors, _ = split_adapter(adapter, self.layout)
         uploads = [{k: v for k, v in u.tensors.items() if k in adapter} for u in updates]
@@ -176,7 +169,7 @@ def build(config: FedExLoraConfig, env: StrategyEnv) -> FedStrategy:
     """FedEx-LoRA: exact product mean via a cumulative base delta."""
     layout = env.layout
     return FedStrategy(
-        aggregator=FedExLoraAggregator(layout, config.equal_weights),
+        aggregator=FedExLoraAggregator(layout),
         client=BaseDeltaAdapter(),
         needs_individual_updates=True,
     )

@@ -57,13 +57,11 @@ class FedSaLoraConfig:
     set ``local_extras = true`` to reproduce the GLUE runs.
 
     Attributes:
-        equal_weights: weight clients equally instead of by example count.
         report_b: clients also upload B (and local extras) for the server's
             reporting-only global model; costs ``P_B(r)·b`` up per round.
         local_extras: keep non-LoRA trainables (heads) on the client like B.
     """
 
-    equal_weights: bool = False
     report_b: bool = False
     local_extras: bool = False
 
@@ -108,7 +106,7 @@ class FedSaLoraAggregator(AggregatorBase[Any]):
         server_round: int,
     ) -> RoundOutput[dict[str, Any]]:
         """``Ā = Σ p_k A_k``; with ``report_b`` also the mean of the latest local tensors."""
-        weights = client_weights(updates, self.config.equal_weights)
+        weights = client_weights(updates)
         local = local_keys(global_tensors, self.config.local_extras)
         shared = [
             {k: v for k, v in u.tensors.items() if k in global_tensors and k not in local}
@@ -128,7 +126,7 @@ class FedSaLoraAggregator(AggregatorBase[Any]):
 
     def _reported_mean(self, state: dict[str, Any], local: set[str]) -> TensorDict:
         pids = sorted(int(k.split("/")[1]) for k in state if k.startswith("n/"))
-        counts = [1 if self.config.equal_weights else state[f"n/{p}"] for p in pids]
+        counts = [state[f"n/{p}"] for p in pids]
         total = sum(counts)
         weights = [c / total for c in counts] if total > 0 else [1.0 / len(pids)] * len(pids)
         out: TensorDict = {}

@@ -161,7 +161,6 @@ class FedSpineConfig:
         protect_last: never prune the last layer.
         probe_size: examples of the fixed local probe batch (loss before/after).
         ema_beta: importance EMA ``β``.
-        equal_weights: weight clients equally instead of by example count.
     """
 
     target_sparsity: float = 0.5
@@ -181,7 +180,6 @@ class FedSpineConfig:
     protect_last: bool = True
     probe_size: int = 32
     ema_beta: float = 0.9
-    equal_weights: bool = False
 
     def problems(self) -> list[str]:
         """Invalid values, one line each (ranks above ``lora.r`` are refused by ``build``)."""
@@ -409,7 +407,7 @@ class FedSpineAggregator(AggregatorBase[Any]):
         server_round: int,
     ) -> RoundOutput[dict[str, Any]]:
         """Mask-aware mean per layer, truncated to ``r_max``; extras by ``p_k``."""
-        p = client_weights(updates, self.config.equal_weights)
+        p = client_weights(updates)
         gfactors, gextra = split_adapter(global_tensors, self.layout)
         per_client = []
         saved = dict(state["masks"])

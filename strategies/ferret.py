@@ -131,7 +131,6 @@ class FerretOptions:
             ``block_ratio × median tensor size``.
         max_replay: most missed rounds a client replays before it is sent the full
             state instead.
-        equal_weights: weight clients equally (reference) instead of by examples.
         projection: ``false`` turns Ferret off and exchanges the tuned tensors densely
             (client change up, full state down, example-weighted mean): FedAvg on the
             same tensors, the baseline Ferret's bytes are compared with (with
@@ -147,9 +146,10 @@ class FerretOptions:
       ``η_s = 1`` and no clipping (code: ``d_l/K_l`` scaling, ≈ Δ/3 in expectation,
       compensated by ``η_s = 10`` and a per-term clip of 10) because the paper states
       an unbiased reconstruction; ``normalisation=reference`` restores the code's.
-    * Default differs from the reference script: ``equal_weights=false``, clients
-      weighted by examples (script: ``--equal_weight``) because every fedpeft strategy
-      weights by examples (ALGORITHMS.md §0), so methods are compared alike.
+    * Default differs from the reference script: clients weighted by examples
+      (script: ``--equal_weight``) because every fedpeft strategy weights by examples
+      (ALGORITHMS.md §0), so methods are compared alike; the framework key
+      ``aggregation.weighting=equal`` gives the script's weights.
     * Default differs from the reference code: ``refresh_pool=true`` (code: one pool
       of ``K`` candidate seeds drawn once in ``main.py``) because the paper draws
       fresh shared randomness every round and only then do the projection errors of
@@ -167,7 +167,6 @@ class FerretOptions:
     refresh_pool: bool = True
     block_ratio: float = 0.9
     max_replay: int = 20
-    equal_weights: bool = False
     projection: bool = True
 
     def core(self) -> FerretConfig:
@@ -394,7 +393,7 @@ class FerretAggregator(AggregatorBase[dict[str, Any]]):
         """``Γ_t = μΓ_{t−1} + Σ_k p_k γ^{(k)}``, then ``w_t = w_{t−1} − η_s Σ clip(Γ v)``."""
         core = self.options.core()
         version = len(state["rounds"])
-        weights = client_weights(updates, self.options.equal_weights)
+        weights = client_weights(updates)
         space = tuned_space(global_tensors, self.options.mode)
         if self.options.projection:
             uploads = [self._decode(state, u.tensors) for u in updates]

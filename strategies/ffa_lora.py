@@ -45,24 +45,12 @@ def a_keys(tensors: TensorDict) -> set[str]:
 
 @dataclass(frozen=True)
 class FfaLoraConfig:
-    """Options of ``ffa-lora``.
-
-    Attributes:
-        equal_weights: weight clients equally instead of by example count.
-    """
-
-    equal_weights: bool = False
+    """Options of ``ffa-lora``."""
 
 
 @dataclass(frozen=True)
 class FfaLoraAggregator(AggregatorBase[Any]):
-    """Mean of the uploaded B and extras; A stays the initial global A.
-
-    Attributes:
-        equal_weights: weight clients equally.
-    """
-
-    equal_weights: bool = False
+    """Mean of the uploaded B and extras; A stays the initial global A."""
 
     def initialize(self, global_tensors: TensorDict) -> dict[str, Any]:
         """No client has received A yet."""
@@ -96,7 +84,7 @@ class FfaLoraAggregator(AggregatorBase[Any]):
                 raise IncompatibleUpdateError(
                     f"ffa-lora freezes A, but node {u.node_id} uploaded {bad[:2]}"
                 )
-        weights = client_weights(updates, self.equal_weights)
+        weights = client_weights(updates)
         uploads = [{k: v for k, v in u.tensors.items() if k in global_tensors} for u in updates]
         new = dict(global_tensors)
         new.update(weighted_mean(uploads, weights))
@@ -146,7 +134,7 @@ class FrozenA(ClientAlgorithmBase):
 
 def build(config: FfaLoraConfig, env: StrategyEnv) -> FedStrategy:
     """FFA-LoRA: A frozen from the initial global adapter; B and extras averaged."""
-    return FedStrategy(aggregator=FfaLoraAggregator(config.equal_weights), client=FrozenA())
+    return FedStrategy(aggregator=FfaLoraAggregator(), client=FrozenA())
 
 
 register_strategy(

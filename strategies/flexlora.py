@@ -64,12 +64,10 @@ class FlexLoraConfig:
     """Options of ``flexlora``.
 
     Attributes:
-        equal_weights: weight clients equally instead of by example count.
         sigma: where the singular values go: ``"b"`` (paper: ``B = UΣ/s``, ``A = Vᵀ``),
             ``"a"`` or ``"sqrt"`` (split evenly).
     """
 
-    equal_weights: bool = False
     sigma: str = "b"
 
     def problems(self) -> list[str]:
@@ -109,7 +107,7 @@ class FlexLoraAggregator(AggregatorBase[Any]):
         server_round: int,
     ) -> RoundOutput[dict[str, Any]]:
         """SVD of ``Σ p_k s_k B_k A_k`` per layer; extras averaged."""
-        weights = client_weights(updates, self.config.equal_weights)
+        weights = client_weights(updates)
         gfactors, gextra = split_adapter(global_tensors, self.layout)
         clients = [split_adapter(u.tensors, self.layout) for u in updates]
         new = dict(global_tensors)

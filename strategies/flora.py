@@ -69,13 +69,7 @@ FRESH_A = "flora-fresh-a"
 
 @dataclass(frozen=True)
 class FloraConfig:
-    """Options of ``flora``.
-
-    Attributes:
-        equal_weights: weight clients equally instead of by example count.
-    """
-
-    equal_weights: bool = False
+    """Options of ``flora``."""
 
 
 @dataclass(frozen=True)
@@ -84,11 +78,9 @@ class FloraAggregator(AggregatorBase[Any]):
 
     Attributes:
         layout: scalings of the client ranks.
-        equal_weights: weight clients equally.
     """
 
     layout: AdapterLayout
-    equal_weights: bool = False
 
     def initialize(self, global_tensors: TensorDict) -> dict[str, Any]:
         """Stateless: the cumulative base delta lives in the global adapter."""
@@ -108,7 +100,7 @@ class FloraAggregator(AggregatorBase[Any]):
         server_round: int,
     ) -> RoundOutput[dict[str, Any]]:
         """``D += Σ_k p_k s_k B_k A_k``; extras averaged; LoRA B reset to zero."""
-        weights = client_weights(updates, self.equal_weights)
+        weights = client_weights(updates)
         adapter = {k: v for k, v in global_tensors.items() if not is_base_delta_key(k)}
         gfactors, gextra = split_adapter(adapter, self.layout)
         clients = [split_adapter(u.tensors, self.layout) for u in updates]
@@ -194,7 +186,7 @@ def build(config: FloraConfig, env: StrategyEnv) -> FedStrategy:
     """FLoRA: stacking, merge into the base, fresh LoRA per round; mixed ranks."""
     layout = env.layout
     return FedStrategy(
-        aggregator=FloraAggregator(layout, config.equal_weights),
+        aggregator=FloraAggregator(layout),
         client=FreshLora(),
         needs_individual_updates=True,
         mixed_ranks=True,

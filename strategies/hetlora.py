@@ -82,14 +82,12 @@ class HetLoraConfig:
         lam: weight λ of the tail penalty.
         r_min: the smallest rank a client shrinks to.
         weighting: ``"norm"`` (paper), ``"blend"`` (``p_k``·norm) or ``"data"`` (``p_k``).
-        equal_weights: ``p_k = 1/N`` instead of example counts.
     """
 
     gamma: float = 0.9
     lam: float = 1e-3
     r_min: int = 2
     weighting: str = "norm"
-    equal_weights: bool = False
 
     def problems(self) -> list[str]:
         """Invalid values, one line each."""
@@ -174,7 +172,7 @@ class HetLoraAggregator(AggregatorBase[Any]):
         server_round: int,
     ) -> RoundOutput[dict[str, Any]]:
         """``A = Σ w_k pad(A_k)``, ``B = Σ w_k pad(B_k)``; extras by ``p_k``."""
-        p = client_weights(updates, self.config.equal_weights)
+        p = client_weights(updates)
         gfactors, gextra = split_adapter(global_tensors, self.layout)
         padded: list[TensorDict] = []
         extras: list[TensorDict] = []

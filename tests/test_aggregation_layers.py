@@ -3,12 +3,23 @@ through, prefix their metrics and report what they leave out."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
 from fedpeft import ClientUpdate, RoundOutput
 from fedpeft.aggregation import AggregatorBase, WeightedMean
-from fedpeft.aggregation.layers import ClipUpdates, Layer, RejectOutliers, stack
+from fedpeft.aggregation.layers import (
+    ClipUpdates,
+    EqualWeights,
+    Layer,
+    PadToRank,
+    RejectOutliers,
+    stack,
+)
 from fedpeft.aggregation.robust import update_norm
+from fedpeft.lora import pad_adapter_to
 from tests.strategies import _factories as fx
 
 
@@ -107,3 +118,55 @@ def test_stack_leaves_out_disabled_layers():
     both = stack(probe, norm_factor=10.0, clip_norm=1.0)
     assert isinstance(both, RejectOutliers) and isinstance(both.inner, ClipUpdates)
     assert isinstance(both, Layer) and both.inner.inner is probe
+
+
+def test_equal_weights_give_the_plain_mean_and_report_the_real_counts():
+    glob, updates = _updates((1.0, 2.0, 3.0, 4.0))
+    updates = [dataclasses.replace(u, num_examples=n) for u, n in zip(updates, (1, 5, 50, 0))]
+    probe_seen = []
+
+    class Counts(WeightedMean):
+        def aggregate(self, state, global_tensors, ups, server_round):
+            probe_seen.extend(u.num_examples for u in ups)
+            return super().aggregate(state, global_tensors, ups, server_round)
+
+    out = EqualWeights(Counts()).aggregate({}, glob, updates, 1)
+    assert probe_seen == [1, 1, 1, 1]  # the inner mean sees one example per client
+    key = next(iter(glob))
+    torch.testing.assert_close(out.tensors[key], sum(u.tensors[key] for u in updates) / 4)
+    assert [u.num_examples for u in out.updates] == [1, 5, 50, 0]  # client records stay true
+    weighted = WeightedMean().aggregate({}, glob, updates, 1)  # the control differs
+    assert not torch.allclose(weighted.tensors[key], out.tensors[key])
+
+
+def test_pad_to_rank_pads_uploads_truncates_payloads_and_reports_the_uploads():
+    rank, layout = 4, fx.LAYOUT
+    glob = fx.adapter(0, rank=rank)
+    small = fx.adapter(1, rank=2)
+    updates = [fx.update(small, 10, 0), fx.update(fx.adapter(2, rank=rank), 10, 1)]
+    seen = []
+
+    class Shapes(WeightedMean):
+        def aggregate(self, state, global_tensors, ups, server_round):
+            seen.extend({tuple(v.shape) for v in u.tensors.values()} for u in ups)
+            return super().aggregate(state, global_tensors, ups, server_round)
+
+    padded = PadToRank(Shapes(), rank, layout)
+    out = padded.aggregate({}, glob, updates, 1)
+    assert seen[0] == seen[1]  # both at the global rank
+    for module, f in fx.factors(small, layout).items():  # the rank-2 product is kept
+        g = fx.factors(pad_adapter_to(small, rank, layout), layout)[module]
+        torch.testing.assert_close(g.delta(), f.delta())
+    assert out.updates[0].tensors is small  # reported as the client sent it
+    payload = padded.client_payload({}, out.tensors, fx.plan(0, rank=2))
+    assert {k: tuple(v.shape) for k, v in payload.items()} == {
+        k: tuple(v.shape) for k, v in small.items()
+    }
+
+
+def test_stack_adds_equal_weighting_innermost_and_refuses_unknown_weightings():
+    probe = Probe()
+    layered = stack(probe, norm_factor=10.0, clip_norm=1.0, weighting="equal")
+    assert isinstance(layered.inner.inner, EqualWeights) and layered.inner.inner.inner is probe
+    with pytest.raises(ValueError, match="aggregation.weighting"):
+        stack(probe, weighting="size")

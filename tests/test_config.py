@@ -69,8 +69,16 @@ def test_pyproject_app_config_equals_code_defaults():
     assert "federations" not in data["tool"]["flwr"]
 
 
+def test_a_strategy_equal_weights_option_names_the_key_that_replaced_it():
+    with pytest.raises(ConfigError) as info:
+        parse_run_config({"fedit.equal-weights": True, "aggregation.weighting": "even"})
+    text = str(info.value)
+    assert "'fedit.equal-weights' was replaced by aggregation.weighting=equal" in text
+    assert "aggregation.weighting must be one of examples, equal; got 'even'" in text
+
+
 def test_to_flat_round_trips():
-    cfg = parse_run_config({"lora.r": 4, "seed": 3, "fedit.equal-weights": True})
+    cfg = parse_run_config({"lora.r": 4, "seed": 3, "aggregation.weighting": "equal"})
     assert parse_run_config(cfg.to_flat()) == cfg
 
 

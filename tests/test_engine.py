@@ -78,6 +78,22 @@ def test_a_fedit_round_is_the_example_weighted_mean_and_the_old_state_is_untouch
     assert math.isfinite(record["aggregation_cosine"])
 
 
+def test_equal_weighting_averages_plainly_and_keeps_each_clients_count():
+    engine = _engine(**{"aggregation.weighting": "equal"})
+    _, work = _start(engine)
+    uploads = {n.node_id: fx.adapter(10 + n.partition_id, dtype=torch.float32) for n in NODES}
+    counts = {100: 10, 101: 30, 102: 60}
+    replies = [_reply(engine, work, nid, t, counts[nid]) for nid, t in uploads.items()]
+    engine.receive(work, replies, list(work.plans.values()))
+    assert engine.aggregate(work)
+    result = engine.finish_round(work)
+    for key in uploads[100]:
+        want = sum(uploads[nid][key].double() for nid in uploads) / 3
+        got = result.state.global_tensors[key].double()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert [c["num_examples"] for c in result.record["clients"]] == [10, 30, 60]
+
+
 def test_a_bad_update_is_rejected_with_its_reason_and_the_rest_aggregate():
     engine = _engine()
     _, work = _start(engine)

@@ -171,7 +171,7 @@ def test_fedit_through_flower_equals_a_plain_torch_fedavg_loop(tiny_parity_confi
 def test_parity_check_detects_a_different_aggregation(tiny_parity_config):
     """The same comparison fails when fedpeft averages differently (equal weights)."""
     initial, reference, sizes = reference_fedavg(tiny_parity_config)
-    ours = fedpeft_fedit({**tiny_parity_config, "fedit.equal-weights": True})
+    ours = fedpeft_fedit({**tiny_parity_config, "aggregation.weighting": "equal"})
     worst = max(float((ours[k] - reference[k]).abs().max()) for k in reference)
     assert worst > 100 * ATOL, f"equal weights left the adapter within {worst:.2e} (sizes {sizes})"
 

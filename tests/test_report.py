@@ -34,7 +34,6 @@ BASE_CONFIG = {
     "codec.downlink": "identity",
     "strategy.name": "fedit",
     "output.dir": "ignored",
-    "fedit.equal-weights": False,
 }
 
 
@@ -291,7 +290,7 @@ def test_labels_show_only_distinguishing_keys(tmp_path):
         ),
     ]
     runs = [load_run(d) for d in dirs]
-    # fedit.equal-weights / lora-fair.residual-weight exist in one run each: not labels
+    # lora-fair.residual-weight exists in one run only: not a label
     assert [r.label for r in build_report(runs).rows] == [
         "fedit partition=dirichlet",
         "lora-fair partition=iid",

@@ -13,7 +13,9 @@ the updates the aggregate was made of in ``RoundOutput.updates``.
 
 The engine stacks the configured layers around the strategy's aggregator
 (:func:`stack`): ``validation.norm-factor`` → :class:`RejectOutliers`, then
-``validation.clip-norm`` → :class:`ClipUpdates`, then the strategy.
+``validation.clip-norm`` → :class:`ClipUpdates`, then ``aggregation.weighting`` →
+:class:`EqualWeights`, then the strategy. Strategies use layers themselves too:
+``fedit`` and ``lora-fair`` put :class:`PadToRank` around their means for mixed ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from fedpeft.aggregation.base import AggregatorBase, hooks_of
 from fedpeft.aggregation.robust import clip_update, outliers, update_norm
 from fedpeft.errors import FedPeftError
+from fedpeft.lora import AdapterLayout, pad_adapter_to, resize_adapter_to
 from fedpeft.types import ClientPlan, ClientUpdate, RoundOutput, TensorDict
 
 
@@ -37,6 +40,10 @@ class Layer(AggregatorBase[Any]):
     """
 
     name = "layer"
+    transparent = False
+    """``True`` for a layer that changes only how the inner aggregator sees an update
+    (its weight, its rank padding): ``RoundOutput.updates`` then reports each update as
+    it came in, so client records and telemetry see what the client sent."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = hooks_of(inner)
@@ -55,11 +62,15 @@ class Layer(AggregatorBase[Any]):
         if not kept:
             raise FedPeftError(f"{self.name}: every update was left out ({len(rejected)} rejected)")
         out = self.inner.aggregate(state, global_tensors, kept, server_round)
+        used = out.updates if out.updates is not None else tuple(kept)
+        if self.transparent:
+            came = {u.node_id: u for u in updates}
+            used = tuple(came[u.node_id] for u in used)
         return RoundOutput(
             out.state,
             out.tensors,
             {**{f"{self.name}/{k}": v for k, v in metrics.items()}, **out.metrics},
-            updates=out.updates if out.updates is not None else tuple(kept),
+            updates=used,
             rejected={**rejected, **out.rejected},
         )
 
@@ -137,10 +148,75 @@ class ClipUpdates(Layer):
         return out, {"clipped": float(clipped)}, {}
 
 
-def stack(aggregator: Any, *, norm_factor: float = 0.0, clip_norm: float = 0.0) -> AggregatorBase[Any]:
+class EqualWeights(Layer):
+    """``aggregation.weighting=equal``: the inner aggregator sees every client with one
+    example, so any example-weighted mean becomes the plain mean ``p_k = 1/N``.
+
+    The updates reported back (``RoundOutput.updates``) carry the real example counts,
+    so client records and example-weighted training metrics are unchanged."""
+
+    name = "weighting"
+    transparent = True
+
+    def process(
+        self, updates: Sequence[ClientUpdate]
+    ) -> tuple[list[ClientUpdate], dict[str, float], dict[int, str]]:
+        """Every update with ``num_examples = 1``."""
+        return [dataclasses.replace(u, num_examples=1) for u in updates], {}, {}
+
+
+class PadToRank(Layer):
+    """Mixed ranks: zero-pad each upload to the global rank ``R`` before the inner
+    aggregator, and truncate what the inner aggregator sends to the client's rank.
+
+    Padding folds the scaling ratio into B (``fedpeft.lora.pad_adapter_to``), so each
+    client's product ``s_k·B_k·A_k`` is kept at the global scaling ``s_R``; extra
+    tensors (heads) pass unchanged.
+
+    Args:
+        inner: the aggregator working at rank ``R``.
+        rank: the global rank ``R``.
+        layout: scaling facts (α, rsLoRA) for moving factors between ranks.
+    """
+
+    name = "pad"
+    transparent = True
+
+    def __init__(self, inner: Any, rank: int, layout: AdapterLayout) -> None:
+        super().__init__(inner)
+        self.rank = rank
+        self.layout = layout
+
+    def process(
+        self, updates: Sequence[ClientUpdate]
+    ) -> tuple[list[ClientUpdate], dict[str, float], dict[int, str]]:
+        """Every upload at rank ``R``."""
+        return [
+            dataclasses.replace(u, tensors=pad_adapter_to(u.tensors, self.rank, self.layout))
+            for u in updates
+        ], {}, {}
+
+    def client_payload(self, state: Any, global_tensors: TensorDict, plan: ClientPlan) -> TensorDict:
+        """The inner payload at the client's rank."""
+        payload = self.inner.client_payload(state, global_tensors, plan)
+        return resize_adapter_to(payload, plan.rank, self.layout)
+
+
+def stack(
+    aggregator: Any,
+    *,
+    norm_factor: float = 0.0,
+    clip_norm: float = 0.0,
+    weighting: str = "examples",
+) -> AggregatorBase[Any]:
     """The strategy's aggregator inside the configured layers (outermost first:
-    outlier rejection, clipping); a layer whose setting is 0 is left out."""
+    outlier rejection, clipping, equal weighting); a layer whose setting is off (0,
+    ``"examples"``) is left out."""
     out: AggregatorBase[Any] = hooks_of(aggregator)
+    if weighting == "equal":
+        out = EqualWeights(out)
+    elif weighting != "examples":
+        raise ValueError(f"aggregation.weighting must be examples or equal, got {weighting!r}")
     if clip_norm > 0:
         out = ClipUpdates(out, clip_norm)
     if norm_factor > 0:

@@ -1,7 +1,8 @@
 """Weighted mean of named tensors (FedAvg, McMahan et al., AISTATS 2017).
 
 ``mean[key] = Σ_k w_k · x_k[key] / Σ_k w_k`` with ``w_k`` the clients' example counts
-(or 1 each with ``equal_weights``). Computed in float64 and cast back, so the result
+(``aggregation.weighting=equal`` sets every count to 1 in a layer,
+:class:`fedpeft.aggregation.layers.EqualWeights`). Computed in float64 and cast back, so the result
 does not depend on client order beyond float64 rounding.
 """
 
@@ -18,9 +19,7 @@ from fedpeft.errors import IncompatibleUpdateError
 from fedpeft.types import ClientPlan, ClientUpdate, RoundOutput, TensorDict
 
 
-def client_weights(
-    updates: Sequence[ClientUpdate], equal_weights: bool = False
-) -> list[float]:
+def client_weights(updates: Sequence[ClientUpdate]) -> list[float]:
     """Normalised aggregation weights ``p_k`` (sum to 1).
 
     Clients with zero examples get weight 0. If every client has zero examples the
@@ -28,7 +27,7 @@ def client_weights(
     """
     if not updates:
         raise IncompatibleUpdateError("cannot aggregate an empty list of updates")
-    raw = [1.0 if equal_weights else float(u.num_examples) for u in updates]
+    raw = [float(u.num_examples) for u in updates]
     total = sum(raw)
     if total <= 0.0:
         return [1.0 / len(updates)] * len(updates)
@@ -60,12 +59,7 @@ class WeightedMean(AggregatorBase[Any]):
     """FedAvg over every uploaded tensor; the aggregator behind ``fedit``.
 
     Keys the clients did not upload keep their global value.
-
-    Attributes:
-        equal_weights: weight clients equally instead of by example count.
     """
-
-    equal_weights: bool = False
 
     def initialize(self, global_tensors: TensorDict) -> dict[str, Any]:
         """FedAvg is stateless."""
@@ -79,7 +73,7 @@ class WeightedMean(AggregatorBase[Any]):
         server_round: int,
     ) -> RoundOutput[dict[str, Any]]:
         """Return the weighted mean of the uploaded tensors."""
-        weights = client_weights(updates, self.equal_weights)
+        weights = client_weights(updates)
         new = dict(global_tensors)
         new.update(weighted_mean([u.tensors for u in updates], weights))
         return RoundOutput(state=state, tensors=new, metrics={})

@@ -22,7 +22,7 @@ from fedpeft.config import RunConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.registry import get_strategy
 from fedpeft.seeding import derive_seed
-from fedpeft.types import ClientPlan, TensorDict
+from fedpeft.types import NUM_EXAMPLES, ClientPlan, TensorDict
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def run_client_round(
     except FedPeftError:  # shapes changed since the residuals were kept (new rank)
         encoded, new_codec_state = encode_tensors(upload, uplink, {}, up_ctx)
     metrics = {
-        "num-examples": result.num_examples,
+        NUM_EXAMPLES: result.num_examples,
         "train-loss": result.loss if result.steps else 0.0,
         "steps": result.steps,
         "train-seconds": result.seconds,
@@ -138,5 +138,5 @@ def evaluate_client(
     model.load(start)
     _, test = task.client_data(*partition)
     metrics: dict[str, Any] = dict(task.evaluate(model, test))
-    metrics["num-examples"] = len(test)
+    metrics[NUM_EXAMPLES] = len(test)
     return metrics

@@ -53,7 +53,7 @@ from fedpeft.server.engine import (
 )
 from fedpeft.server.listeners import Observer, RoundListener
 from fedpeft.server.run import ServerRun
-from fedpeft.types import ClientPlan, NodeInfo
+from fedpeft.types import NUM_EXAMPLES, ClientPlan, NodeInfo
 
 log = logging.getLogger("fedpeft")
 
@@ -207,10 +207,10 @@ class FlowerStrategyAdapter(Strategy):
         weights, sums = 0, {}
         for r in good:
             m = r.content[rec.METRICS]
-            n = int(m.get(rec.NUM_EXAMPLES, 0))
+            n = int(m.get(NUM_EXAMPLES, 0))
             weights += n
             for k, v in m.items():
-                if k != rec.NUM_EXAMPLES:
+                if k != NUM_EXAMPLES:
                     sums[k] = sums.get(k, 0.0) + n * float(v)
         if weights == 0:
             return None

@@ -61,7 +61,15 @@ from fedpeft.registry import FedStrategy
 from fedpeft.seeding import derive_seed
 from fedpeft.selection import UniformSelector
 from fedpeft.server.setup import device_profiles
-from fedpeft.types import AUX_PREFIX, ClientPlan, ClientUpdate, NodeInfo, RoundOutput, TensorDict
+from fedpeft.types import (
+    AUX_PREFIX,
+    NUM_EXAMPLES,
+    ClientPlan,
+    ClientUpdate,
+    NodeInfo,
+    RoundOutput,
+    TensorDict,
+)
 
 log = logging.getLogger("fedpeft")
 
@@ -163,8 +171,6 @@ class Reply:
     malformed: str = ""
 
 
-NUM_EXAMPLES = "num-examples"
-
 
 @dataclass
 class RoundWork:
@@ -219,11 +225,12 @@ class RoundEngine:
     ) -> None:
         self.cfg = cfg
         self.fed = fed
-        # the strategy inside the configured aggregation layers (validation.*)
+        # the strategy inside the configured layers (validation.*, aggregation.*)
         self.aggregator = stack(
             fed.aggregator,
             norm_factor=cfg.validation.norm_factor,
             clip_norm=cfg.validation.clip_norm,
+            weighting=cfg.aggregation.weighting,
         )
         self.uplink = uplink
         self.downlink = downlink
@@ -560,10 +567,11 @@ class RoundEngine:
             if is_base_delta_key(key):
                 old = old_global.get(key)
                 shift[base_delta_module(key)] = value - old if old is not None else value
-        total = sum(float(u.num_examples) for u in updates)
-        weights = [
-            (float(u.num_examples) / total) if total > 0 else 1.0 / len(updates) for u in updates
-        ]
+        # the ideal mean Σ p_k s B_k A_k under the run's weighting
+        equal = self.cfg.aggregation.weighting == "equal"
+        counts = [1.0 if equal else float(u.num_examples) for u in updates]
+        total = sum(counts)
+        weights = [(c / total) if total > 0 else 1.0 / len(updates) for c in counts]
         err = aggregation_error(factors, weights, global_factors, shift or None)
         return {
             "aggregation_error": err["relative"],

@@ -139,7 +139,7 @@ registers the strategy.
 
 from __future__ import annotations
 
-from fedpeft import ConfigError, FedStrategy, StrategyEnv, register_strategy
+from fedpeft import ConfigError, FedStrategy, PadToRank, StrategyEnv, register_strategy
 from strategies.lora_fair.aggregator import LoraFairAggregator
 from strategies.lora_fair.config import NORMS, OBJECTIVES, PLACEMENTS, LoraFairConfig
 from strategies.lora_fair.solver import (
@@ -156,9 +156,11 @@ def build(config: LoraFairConfig, env: StrategyEnv) -> FedStrategy:
     problems = config.problems()
     if problems:
         raise ConfigError(problems)
-    layout = env.layout
+    aggregator = LoraFairAggregator(config, env.layout)
+    if len(set(env.ranks)) > 1:  # clients zero-padded to the global rank first
+        aggregator = PadToRank(aggregator, env.rank, env.layout)
     return FedStrategy(
-        aggregator=LoraFairAggregator(config, layout),
+        aggregator=aggregator,
         needs_individual_updates=True,
         mixed_ranks=True,
     )

@@ -1,26 +1,25 @@
-"""LoRA-FAIR's aggregator: FedIT's weighted means, then the correction of
-:mod:`strategies.lora_fair.solver`, batched over layers.
+"""LoRA-FAIR's aggregator: a layer over FedIT's weighted mean (the inner aggregator)
+that corrects its result with :mod:`strategies.lora_fair.solver`, batched over layers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from fedpeft import (
-    AggregatorBase,
-    ClientPlan,
     ClientUpdate,
+    IncompatibleUpdateError,
+    Layer,
     RoundOutput,
     TensorDict,
+    WeightedMean,
     client_weights,
-    weighted_mean,
 )
 from fedpeft.lora import AdapterLayout, LoraFactors, pad_rank, split_adapter, work_dtype
-from fedpeft.lora.ops import resize_adapter_to
 from fedpeft.lora.peft_io import factor_keys
 from strategies.lora_fair.config import _CHUNK_BYTES, _FRO, MAX_SWEEPS, LoraFairConfig
 from strategies.lora_fair.solver import (
@@ -83,26 +82,21 @@ class _Result:
 
 
 @dataclass(frozen=True)
-class LoraFairAggregator(AggregatorBase[Any]):
-    """FedIT's weighted mean followed by the LoRA-FAIR correction (see module doc).
+class LoraFairAggregator(Layer):
+    """The inner mean (FedIT's weighted mean of A and B), then the LoRA-FAIR correction
+    (see the package doc). Mixed ranks: the strategy wraps it in
+    :class:`fedpeft.PadToRank`, so every update arrives at the global rank.
 
     Attributes:
         config: the strategy options.
-        layout: scaling of client and global ranks.
+        layout: scaling of the global rank.
+        inner: the mean it corrects (FedIT's :class:`fedpeft.WeightedMean`).
     """
 
     config: LoraFairConfig
     layout: AdapterLayout
-
-    def initialize(self, global_tensors: TensorDict) -> dict[str, Any]:
-        """LoRA-FAIR keeps no state between rounds."""
-        return {}
-
-    def client_payload(
-        self, state: dict[str, Any], global_tensors: TensorDict, plan: ClientPlan
-    ) -> TensorDict:
-        """The global adapter, truncated to the client's rank when it is smaller."""
-        return resize_adapter_to(global_tensors, plan.rank, self.layout)
+    inner: Any = field(default_factory=WeightedMean)
+    name = "lora_fair"
 
     def aggregate(
         self,
@@ -111,34 +105,32 @@ class LoraFairAggregator(AggregatorBase[Any]):
         updates: Sequence[ClientUpdate],
         server_round: int,
     ) -> RoundOutput[dict[str, Any]]:
-        """Average A and B (padding ranks), then correct each layer's B (or A).
+        """The inner mean ``(Ā, B̄)``, then each layer's B (or A) corrected.
 
         Clients are processed in partition-id order, so the result does not depend on
         the order of ``updates`` even bitwise (the iterative solver would amplify
         rounding differences when it stops before convergence).
         """
         updates = sorted(updates, key=lambda u: (u.plan.partition_id, u.node_id))
-        weights = client_weights(updates, self.config.equal_weights)
+        mean = self.inner.aggregate(state, global_tensors, updates, server_round)
+        weights = client_weights(updates)
         gfactors, _ = split_adapter(global_tensors, self.layout)
-        padded: list[TensorDict] = []
-        clients: list[dict[str, LoraFactors]] = []
+        clients = []
         for u in updates:
-            factors, extra = split_adapter(u.tensors, self.layout)
-            fixed = {m: pad_rank(factors[m], g.rank, g.scaling) for m, g in gfactors.items()}
-            clients.append(fixed)
-            tensors = {k: v for k, v in extra.items() if k in global_tensors}
-            for m, f in fixed.items():
-                a_key, b_key = factor_keys(m)
-                tensors[a_key], tensors[b_key] = f.a, f.b
-            padded.append(tensors)
-        new = dict(global_tensors)
-        new.update(weighted_mean(padded, weights))
+            factors, _ = split_adapter(u.tensors, self.layout)
+            if any(factors[m].rank != g.rank for m, g in gfactors.items()):
+                raise IncompatibleUpdateError(
+                    f"lora-fair: the update of node {u.node_id} is not at the global rank; "
+                    "mixed ranks need the PadToRank layer (lora_fair.build adds it)"
+                )
+            clients.append({m: pad_rank(factors[m], g.rank, g.scaling) for m, g in gfactors.items()})
+        new = dict(mean.tensors)
         kept = [i for i, w in enumerate(weights) if w != 0.0]
         totals = _Totals()
         if len(kept) >= 2:
             kept_clients = [clients[i] for i in kept]
             totals = self._correct(new, gfactors, kept_clients, [weights[i] for i in kept])
-        return RoundOutput(state=state, tensors=new, metrics=_metrics(totals))
+        return RoundOutput(state=mean.state, tensors=new, metrics={**mean.metrics, **_metrics(totals)})
 
     # -- per-layer work, batched over layers of equal shape ------------------------------
     def _correct(

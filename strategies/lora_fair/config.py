@@ -31,7 +31,6 @@ class LoraFairConfig:
             (the paper's S, read as cosine in ALGORITHMS.md §8, is ``"cosine"``).
         max_iters: gradient-descent iterations per layer (and per sweep).
         tol: stop when the relative objective change is below this.
-        equal_weights: weight clients equally instead of by example count.
     """
 
     lam: float = 0.01
@@ -41,7 +40,6 @@ class LoraFairConfig:
     objective: str = "fro-no-shrink"
     max_iters: int = 200
     tol: float = 1e-8
-    equal_weights: bool = False
 
     def problems(self) -> list[str]:
         """Invalid values, one line each."""

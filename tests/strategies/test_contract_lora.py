@@ -37,6 +37,7 @@ the plug-in), which is what it should do.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from fedpeft import (
     available_strategies,
     get_strategy,
 )
+from fedpeft.aggregation.layers import stack
 from fedpeft.client import finish_with_carry
 from fedpeft.lora.peft_io import base_delta_key, is_base_delta_key, shape_for_rank
 from strategies import fedit, fedspine
@@ -218,6 +220,7 @@ class Case:
         label: test id.
         name: registered strategy name.
         options: fields of the strategy's config class.
+        weighting: ``aggregation.weighting`` (the engine's layer around the strategy).
         ranks: the ranks of the three clients (the global rank is 4).
         identical: what N identical uploads give (see the ``_same*`` checks).
         init: a client's fresh adapter of a rank; the initial global is ``init(4)``.
@@ -231,6 +234,7 @@ class Case:
     label: str
     name: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    weighting: str = "examples"
     ranks: tuple[int, ...] = (4, 4, 4)
     identical: Callable[..., bool] = _same
     init: Callable[[int], TensorDict] = lambda rank: fx.adapter(GLOBAL_SEED, rank)
@@ -244,7 +248,7 @@ class Case:
 
 
 _EQUAL_WEIGHTS = (
-    "equal_weights gives every client weight 1/N whatever its example count, so a client "
+    "aggregation.weighting=equal gives every client weight 1/N whatever its example count, so a client "
     "with zero examples counts by design"
 )
 _FERRET_BYTES = frozenset(
@@ -264,7 +268,16 @@ CASES = [
     Case(
         "fedit-equal-weights",
         "fedit",
-        {"equal_weights": True},
+        weighting="equal",
+        not_applicable={"zero_weight": _EQUAL_WEIGHTS},
+    ),
+    Case(
+        "lora-fair-equal-weights-mixed",
+        "lora-fair",
+        {"max_iters": 60},
+        weighting="equal",
+        ranks=(2, 4, 3),
+        identical=_same_product,
         not_applicable={"zero_weight": _EQUAL_WEIGHTS},
     ),
     Case("fedit-mixed-ranks", "fedit", ranks=(2, 4, 3), identical=_same_product),
@@ -406,7 +419,8 @@ def test_plugins_registered_elsewhere_do_not_count_as_built_in():
 def _fed(case: Case) -> FedStrategy:
     entry = get_strategy(case.name)
     env = fx.env(rank=4, ranks=tuple(sorted(set(case.ranks))))
-    return entry.build(entry.config_cls(**case.options), env)
+    fed = entry.build(entry.config_cls(**case.options), env)
+    return dataclasses.replace(fed, aggregator=stack(fed.aggregator, weighting=case.weighting))
 
 
 def _global(case: Case) -> TensorDict:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from fedpeft import IncompatibleUpdateError, StrategyEnv, get_strategy
+from fedpeft.aggregation.layers import EqualWeights
 from fedpeft.lora import AdapterLayout
 from fedpeft.lora.peft_io import base_delta_key
 from strategies import fedex_lora
@@ -132,7 +135,9 @@ def test_rslora_scaling_variant():
 
 def test_equal_weights_use_plain_means():
     tensors = [fx.adapter(i) for i in range(3)]
-    out, _ = _round(tensors, [1, 50, 2], fed=_fed(equal_weights=True))
+    fed = _fed()
+    fed = dataclasses.replace(fed, aggregator=EqualWeights(fed.aggregator))  # aggregation.weighting
+    out, _ = _round(tensors, [1, 50, 2], fed=fed)
     for module in fx.SHAPES:
         assert torch.allclose(
             _effective(out.tensors, module), fx.ideal(tensors, [1 / 3] * 3, module), atol=1e-10
