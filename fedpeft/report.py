@@ -49,7 +49,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from fedpeft.errors import FedPeftError
-from fedpeft.results import atomic_write, outcome_of
+from fedpeft.results import RoundRecord, atomic_write, outcome_of, parse_round
 
 Metric = Literal["accuracy", "loss"]
 
@@ -73,8 +73,6 @@ IGNORED_KEYS = frozenset(
 )
 DEFAULT_TARGET_FRACTION = 0.9  # accuracy target = 0.9 · best final accuracy
 DEFAULT_LOSS_FACTOR = 1.1  # loss target = 1.1 · best (lowest) final loss
-_REQUIRED_ROUND_FIELDS = ("uplink_bytes", "downlink_bytes", "seconds")
-_OPTIONAL_ROUND_FIELDS = ("accuracy", "loss", "perplexity", "aggregation_error", "rejected")
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,8 @@ class Run:
         seed: the run seed (``summary.json``, else ``config.json``), or None.
         config: the flat resolved config of ``config.json``; when that file is
             absent, the few keys ``summary.json`` carries (strategy, task, seed, codecs).
-        rounds: the round records sorted by round; numeric fields validated.
+        rounds: the round records sorted by round, checked by
+            :func:`fedpeft.results.parse_round`.
         uplink_bytes: total uplink bytes of the run.
         downlink_bytes: total downlink bytes of the run.
         configured_rounds: ``federation.rounds`` of ``config.json``, or None.
@@ -101,7 +100,7 @@ class Run:
     task: str
     seed: int | None
     config: Mapping[str, Any]
-    rounds: tuple[Mapping[str, Any], ...]
+    rounds: tuple[RoundRecord, ...]
     uplink_bytes: int
     downlink_bytes: int
     configured_rounds: int | None = None
@@ -242,30 +241,6 @@ def _number(file: pathlib.Path, where: str, value: Any, *, integer: bool = False
     return value
 
 
-def _parse_round(file: pathlib.Path, index: int, raw: Any) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise FedPeftError(f"{file}: rounds[{index}] must be an object, got {raw!r:.60}")
-    if "round" not in raw:
-        raise FedPeftError(f"{file}: rounds[{index}] has no 'round' field")
-    record = dict(raw)
-    record["round"] = _number(file, f"rounds[{index}].round", raw["round"], integer=True)
-    for key in _REQUIRED_ROUND_FIELDS:
-        if key not in raw:
-            raise FedPeftError(
-                f"{file}: rounds[{index}] (round {record['round']}) has no {key!r} field; "
-                f"expected {', '.join(_REQUIRED_ROUND_FIELDS)} in every round"
-            )
-        integer = key.endswith("_bytes")
-        record[key] = _number(file, f"rounds[{index}].{key}", raw[key], integer=integer)
-    for key in _OPTIONAL_ROUND_FIELDS:
-        value = raw.get(key)
-        if value is not None:
-            record[key] = _number(file, f"rounds[{index}].{key}", value, integer=key == "rejected")
-        else:
-            record[key] = None
-    return record
-
-
 def load_run(directory: str | os.PathLike[str]) -> Run:
     """Read one run directory (``summary.json`` and, if present, ``config.json``).
 
@@ -297,7 +272,7 @@ def load_run(directory: str | os.PathLike[str]) -> Run:
             f"got {raw_rounds!r:.60}"
         )
     rounds = sorted(
-        (_parse_round(summary_file, i, r) for i, r in enumerate(raw_rounds)),
+        (parse_round(r, f"{summary_file}: rounds[{i}]") for i, r in enumerate(raw_rounds)),
         key=lambda r: r["round"],
     )
     numbers = [r["round"] for r in rounds]
@@ -564,7 +539,7 @@ def build_report(
                 downlink_bytes=run.downlink_bytes,
                 seconds=math.fsum(float(r["seconds"]) for r in run.rounds),
                 aggregation_error=statistics.fmean(errors) if errors else None,
-                rejected=sum(int(r["rejected"] or 0) for r in run.rounds),
+                rejected=sum(int(r.get("rejected") or 0) for r in run.rounds),
                 pareto=i in front,
                 configured_rounds=run.configured_rounds,
                 status=run.status,

@@ -5,24 +5,157 @@ rename, so an interrupted run leaves the last complete state on disk, never a to
 file.
 """
 
-from __future__ import annotations
-
 import csv
 import io
 import json
+import math
 import os
 import pathlib
 import platform
 import tempfile
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Required, TypedDict, Union, get_args, get_origin, get_type_hints
 
-ROUND_FIELDS = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "seconds")
+from fedpeft.errors import FedPeftError
 
-OUTCOMES = ("complete", "budget", "failed")
+Outcome = Literal["complete", "budget", "failed"]
 """``summary.json`` → ``outcome``: every round ran; the run stopped before a round that
 would exceed ``budget.bytes`` (as configured); a round failed (``stopped`` says why)."""
+
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
+
+
+class ClientRecord(TypedDict, total=False):
+    """One client's line in a round record (``rounds[t].clients[i]``). Besides these
+    fields it holds the client's reply metrics under their own names (``train-loss``,
+    ``steps``, ``train-seconds``, a strategy's own)."""
+
+    node_id: Required[int]
+    partition_id: Required[int]
+    rank: Required[int]
+    num_examples: Required[int]  # the real count, whatever aggregation.weighting is
+    uplink_bytes: Required[int]
+    downlink_bytes: Required[int]
+    client_seconds: Required[float]  # simulated on its device profile when one is set
+    measured_seconds: float  # with devices.profile: the real time
+    device: str  # with devices.profile: the tier
+    prune_ratio: float  # FedSpine
+
+
+class RoundRecord(TypedDict, total=False):
+    """One round's record: a line of ``summary.json`` → ``rounds`` and of
+    ``metrics.csv``, written by the round engine (``fedpeft.server.engine``), read back
+    by ``fedpeft compare`` (:func:`parse_round`). Round 0 is the initial adapter (no
+    training: only the evaluation and zero bytes). ``Required`` marks what a reader
+    may rely on in any file; the rest depends on the task, the round and the config."""
+
+    round: Required[int]
+    uplink_bytes: Required[int]  # wire bytes (payload + record framing), all clients
+    downlink_bytes: Required[int]
+    seconds: Required[float]  # the round's wall time (training, aggregation, evaluation)
+    accuracy: float | None  # server evaluation (classification)
+    loss: float | None  # server evaluation loss (or the train loss with eval.server off)
+    perplexity: float | None  # server evaluation (causal LM)
+    uplink_payload_bytes: int  # the tensors' encoded bytes only
+    downlink_payload_bytes: int
+    sampled: int
+    rejected: int  # updates refused by validation or left out by a layer
+    failed: int  # clients whose reply never came or was an error
+    train_loss: float | None  # the example-weighted mean of the clients' train loss
+    aggregation_error: float | None  # ‖ΣpₖsBₖAₖ − sB̄Ā‖/‖ΣpₖsBₖAₖ‖ (ALGORITHMS.md §13)
+    aggregation_cosine: float | None
+    clients: list[ClientRecord]
+    simulated_seconds: float  # with devices.profile: the slowest device's time
+    strategy_metrics: dict[str, float]  # the strategy's and layers' metrics
+    client_accuracy: float  # with eval.client: example-weighted client evaluation
+    client_loss: float
+    client_perplexity: float
+
+
+class Totals(TypedDict):
+    """``summary.json`` → ``totals``: the whole run's bytes."""
+
+    uplink_bytes: int
+    downlink_bytes: int
+    uplink_payload_bytes: int
+    downlink_payload_bytes: int
+
+
+class RunSummary(TypedDict, total=False):
+    """``summary.json``."""
+
+    strategy: Required[str]
+    task: Required[str]
+    rounds: Required[list[RoundRecord]]
+    seed: int
+    clients: int
+    codec: dict[str, str]  # {"uplink": chain, "downlink": chain}
+    split: dict[str, Any]  # the partition's statistics
+    outcome: Outcome  # absent while the run is going, or if it was killed
+    stopped: str  # why the run stopped early
+    totals: Totals
+
+
+ROUND_FIELDS = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "seconds")
+"""The first columns of ``metrics.csv``."""
+
+
+def _number_kinds() -> dict[str, tuple[type, bool]]:
+    """``{field: (int or float, None allowed)}`` for the numeric fields of
+    :class:`RoundRecord`."""
+    out = {}
+    for name, hint in get_type_hints(RoundRecord).items():
+        args = set(get_args(hint)) if get_origin(hint) in (Union, types.UnionType) else {hint}
+        nullable = type(None) in args
+        kind = (args - {type(None)}).pop() if len(args - {type(None)}) == 1 else None
+        if kind in (int, float):
+            out[name] = (kind, nullable)
+    return out
+
+
+_NUMBERS = _number_kinds()
+
+
+def parse_round(raw: Any, where: str) -> RoundRecord:
+    """A round record read from a file, checked against :class:`RoundRecord`: the
+    required fields present, every numeric field a finite number (an integer where the
+    schema says ``int``); optional fields that may be null and are absent become
+    ``None``. Unknown fields are kept.
+
+    Args:
+        raw: one entry of ``summary.json`` → ``rounds``.
+        where: how to name it in errors, e.g. ``"runs/x/summary.json: rounds[3]"``.
+
+    Raises:
+        FedPeftError: naming the field and what it should be.
+    """
+    if not isinstance(raw, dict):
+        raise FedPeftError(f"{where} must be an object, got {raw!r:.60}")
+    missing = [k for k in ("round", *sorted(RoundRecord.__required_keys__ - {"round"})) if k not in raw]
+    if missing:
+        label = f"{where} (round {raw['round']})" if "round" in raw else where
+        raise FedPeftError(
+            f"{label} has no {missing[0]!r} field; expected "
+            f"{', '.join(sorted(RoundRecord.__required_keys__))} in every round"
+        )
+    record: dict[str, Any] = dict(raw)
+    for key, (kind, nullable) in _NUMBERS.items():
+        value = raw.get(key)
+        if value is None:
+            if key in raw and not nullable:
+                raise FedPeftError(f"{where}.{key} must be a number, got null")
+            if nullable:
+                record[key] = None
+            continue
+        integer = kind is int
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if not ok or isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+            what = "an integer" if integer else "a finite number"
+            raise FedPeftError(f"{where}.{key} must be {what}, got {value!r}")
+    return typing.cast(RoundRecord, record)
 
 
 def outcome_of(summary: Mapping[str, Any]) -> str:
@@ -75,28 +208,30 @@ class RunResults:
         directory: the results directory.
         strategy: strategy name.
         task: task name.
-        rounds: one dict per round (round 0 = before training) with at least
-            :data:`ROUND_FIELDS`.
+        rounds: one :class:`RoundRecord` per round (round 0 = before training).
         extra: run-level fields added to ``summary.json``.
     """
 
     directory: pathlib.Path
     strategy: str
     task: str
-    rounds: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[RoundRecord] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def add_round(self, record: Mapping[str, Any]) -> None:
+    def add_round(self, record: RoundRecord) -> None:
         """Append (or replace) a round's record and rewrite the files."""
-        record = dict(record)
+        record = typing.cast(RoundRecord, dict(record))
         self.rounds = [r for r in self.rounds if r["round"] != record["round"]]
         self.rounds.append(record)
         self.rounds.sort(key=lambda r: r["round"])
         self.write()
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> RunSummary:
         """The ``summary.json`` content."""
-        return {"strategy": self.strategy, "task": self.task, **self.extra, "rounds": self.rounds}
+        return typing.cast(
+            RunSummary,
+            {"strategy": self.strategy, "task": self.task, **self.extra, "rounds": self.rounds},
+        )
 
     def write(self) -> None:
         """Rewrite ``summary.json`` and ``metrics.csv``."""

@@ -4,6 +4,7 @@ record out (``fedpeft.server.engine``)."""
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from fedpeft.aggregation import AggregatorBase
 from fedpeft.codecs import CodecContext
 from fedpeft.codecs.tensors import encode_tensors
 from fedpeft.config import parse_run_config
+from fedpeft.results import ClientRecord, RoundRecord, parse_round
 from fedpeft.server import Reply, RoundEngine, RoundFailed, ServerState, build_strategy
 from fedpeft.types import NodeInfo
 from tests.strategies import _factories as fx
@@ -76,6 +78,20 @@ def test_a_fedit_round_is_the_example_weighted_mean_and_the_old_state_is_untouch
     assert [c["node_id"] for c in record["clients"]] == [100, 101, 102]
     assert 0.01 < record["aggregation_error"] < 1.5  # different A per client: FedIT is inexact
     assert math.isfinite(record["aggregation_cosine"])
+
+
+def test_the_round_record_follows_the_shared_schema():
+    engine = _engine(**{"eval.client": True})
+    state, work = _start(engine)
+    replies = [_reply(engine, work, n.node_id, fx.adapter(10 + n.partition_id, dtype=torch.float32)) for n in NODES]
+    engine.receive(work, replies, list(work.plans.values()))
+    assert engine.aggregate(work)
+    for record in (engine.initial_result(state).record, engine.finish_round(work).record):
+        assert set(record) <= set(RoundRecord.__annotations__), set(record) - set(RoundRecord.__annotations__)
+        parsed = parse_round(json.loads(json.dumps(record)), "record")  # what compare reads
+        assert {k: parsed[k] for k in record} == record
+    client = engine.finish_round(work).record["clients"][0]
+    assert ClientRecord.__required_keys__ <= set(client)
 
 
 def test_equal_weighting_averages_plainly_and_keeps_each_clients_count():

@@ -58,6 +58,7 @@ from fedpeft.lora.peft_io import (
     split_adapter,
 )
 from fedpeft.registry import FedStrategy
+from fedpeft.results import ClientRecord, RoundRecord
 from fedpeft.seeding import derive_seed
 from fedpeft.selection import UniformSelector
 from fedpeft.server.setup import device_profiles
@@ -74,8 +75,6 @@ from fedpeft.types import (
 log = logging.getLogger("fedpeft")
 
 LedgerEntry = tuple[int, str, int, int, int]
-RoundRecord = dict[str, Any]
-"""One round's line of ``summary.json`` (``fedpeft.results.ROUND_FIELDS`` and more)."""
 
 
 class RoundFailed(FedPeftError):
@@ -193,7 +192,7 @@ class RoundWork:
     failed: int = 0
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
-    clients: list[dict[str, Any]] = field(default_factory=list)
+    clients: list[ClientRecord] = field(default_factory=list)
     strategy_metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -501,14 +500,14 @@ class RoundEngine:
             if not bool(torch.isfinite(value).all()):
                 raise IncompatibleUpdateError(f"aggregated {key!r} has non-finite values")
 
-    def _client_record(self, work: RoundWork, u: ClientUpdate) -> dict[str, Any]:
+    def _client_record(self, work: RoundWork, u: ClientUpdate) -> ClientRecord:
         """One client's line in ``summary.json``: plan, bytes, metrics and
         ``client_seconds`` — simulated on its device profile when ``devices.profile``
         is set (:func:`fedpeft.devices.simulated_round_seconds`), else measured."""
         up = work.ledger.per_client(work.server_round, "uplink").get(u.node_id, 0)
         down = work.ledger.per_client(work.server_round, "downlink").get(u.node_id, 0)
         measured = float(u.metrics.get("client-seconds", 0.0))
-        out: dict[str, Any] = {
+        out: ClientRecord = {
             "node_id": u.node_id,
             "partition_id": u.plan.partition_id,
             "rank": u.plan.rank,

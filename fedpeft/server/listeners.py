@@ -15,8 +15,8 @@ from typing import Any
 
 from fedpeft.checkpoint import save_checkpoint
 from fedpeft.ledger import ByteLedger
-from fedpeft.results import RunResults
-from fedpeft.server.engine import RoundRecord, RoundWork, ServerState
+from fedpeft.results import RoundRecord, RunResults
+from fedpeft.server.engine import RoundWork, ServerState
 
 
 class Observer:
