@@ -350,6 +350,46 @@ class AggregationConfig:
 
 
 @dataclass(frozen=True)
+class ServerOptConfig:
+    """A server optimizer on the round's pseudo-gradient (``x̄ − x``), for every strategy
+    (:mod:`fedpeft.aggregation.server_opt`: FedAvgM, Hsu et al. 2019; FedAdam, FedYogi,
+    FedAdagrad, Reddi et al., ICLR 2021; the same arithmetic as Flower's strategies).
+
+    Attributes:
+        name: ``none`` (default: the aggregate is the new global), ``avgm``, ``adam``,
+            ``yogi`` or ``adagrad``.
+        lr: server learning rate η; ``0`` = the method's default (avgm 1.0; adam 0.1,
+            yogi 0.01, adagrad 0.1 as Flower's).
+        momentum: FedAvgM's μ.
+        beta1: β₁ of adam, yogi and adagrad (Flower's FedAdagrad: 0).
+        beta2: β₂ of adam and yogi.
+        tau: τ, the adaptivity of adam, yogi and adagrad.
+        bias_correction: adam's bias-corrected rate, as Flower's ``FedAdam`` (the
+            paper has none).
+    """
+
+    name: Literal["none", "avgm", "adam", "yogi", "adagrad"] = "none"
+    lr: float = 0.0
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    bias_correction: bool = False
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        out = []
+        if self.lr < 0:
+            out.append(f"server-opt.lr must be >= 0 (0 = the method's default), got {self.lr}")
+        for name in ("momentum", "beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                out.append(f"server-opt.{name} must be in [0, 1), got {value}")
+        out += _positive("server-opt.tau", self.tau)
+        return out
+
+
+@dataclass(frozen=True)
 class BudgetConfig:
     """Communication budget.
 
@@ -533,6 +573,7 @@ class RunConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
@@ -546,7 +587,7 @@ class RunConfig:
         """The flat key/value form, including the selected strategy's options."""
         flat: FlatConfig = {"seed": self.seed}
         for section in _SECTIONS:
-            flat.update(_flatten_section(section, getattr(self, section)))
+            flat.update(_flatten_section(_kebab(section), getattr(self, section)))
         if self.options is not None:
             flat.update(_flatten_section(self.strategy.name, self.options))
         return flat
@@ -564,6 +605,7 @@ _SECTIONS = (
     "faults",
     "validation",
     "aggregation",
+    "server_opt",
     "budget",
     "privacy",
     "codec",
@@ -747,18 +789,16 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
         else:
             problems.append(_unknown(key, known_keys_safe()))
 
-    section_types = {f.name: f.type for f in dataclasses.fields(RunConfig)}
     hints = typing.get_type_hints(RunConfig)
     built: dict[str, Any] = {}
     for section in _SECTIONS:
-        cls = hints[section]
-        values = by_section.get(section, {})
+        cls, key = hints[section], _kebab(section)
+        values = by_section.get(key, {})
         valid = {_kebab(f.name) for f in dataclasses.fields(cls)}
         for name in values:
             if name not in valid:
-                problems.append(_unknown(f"{section}.{name}", known_keys_safe()))
-        built[section] = _build_section(section, cls, values, problems)
-    del section_types
+                problems.append(_unknown(f"{key}.{name}", known_keys_safe()))
+        built[section] = _build_section(key, cls, values, problems)
 
     strategy_name = built["strategy"].name
     options = None
@@ -768,8 +808,9 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
         problems.append(f"strategy.name: {err}")
         entry = None
     registered = set(available_strategies())
+    core = {_kebab(name) for name in _SECTIONS}
     for section, values in by_section.items():
-        if section in _SECTIONS:
+        if section in core:
             continue
         if entry is not None and section == strategy_name:
             cls = entry.config_cls

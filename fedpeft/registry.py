@@ -79,6 +79,8 @@ class FedStrategy:
         mixed_ranks: the strategy accepts clients of different ranks.
         dp_compatible: clients upload the whole global adapter (same keys and
             shapes), so Flower's central-DP clipping wrapper applies as it is.
+        server_opt: why a server optimizer (``server-opt.name``) cannot follow this
+            strategy's global adapter (``""``: it can).
     """
 
     aggregator: Aggregator[Any]
@@ -88,6 +90,7 @@ class FedStrategy:
     needs_individual_updates: bool = False
     mixed_ranks: bool = False
     dp_compatible: bool = False
+    server_opt: str = ""
 
 
 BuildFn = Callable[[Any, StrategyEnv], FedStrategy]

@@ -570,6 +570,11 @@ def build(config: FerretOptions, env: StrategyEnv) -> FedStrategy:
         aggregator=FerretAggregator(config, env.seed, env.num_rounds),
         client=FerretClient(config, env.seed),
         lossy_codecs=False,
+        server_opt=(
+            "Ferret's clients rebuild the global adapter by replaying the server's own "
+            "updates, which a server optimizer would change behind their back; use "
+            "ferret.momentum and ferret.server-lr"
+        ),
     )
 
 

@@ -6,14 +6,16 @@ A layer sees the round's updates first, may drop or change some, then calls its
 inner aggregator; every other hook (``client_payload``, ``check_update``,
 ``client_failed``, ``upload_shape``) is delegated to the inner one unchanged, so a
 layer composes with any strategy. Stateless layers pass the inner state through
-untouched (a checkpoint is the strategy's own state); a layer with state would nest
-the inner one under ``"inner"``. A layer's metrics are prefixed with its name; the
+untouched (a checkpoint is the strategy's own state); a layer with state nests the
+inner one under ``"inner"``. A layer's metrics are prefixed with its name; the
 updates it leaves out are reported in ``RoundOutput.rejected`` with their reason and
 the updates the aggregate was made of in ``RoundOutput.updates``.
 
 The engine stacks the configured layers around the strategy's aggregator
 (:func:`stack`): ``validation.norm-factor`` → :class:`RejectOutliers`, then
-``validation.clip-norm`` → :class:`ClipUpdates`, then ``aggregation.weighting`` →
+``validation.clip-norm`` → :class:`ClipUpdates`, then ``server-opt.*`` →
+:class:`fedpeft.aggregation.server_opt.ServerOptimizer` (a layer with state: it nests
+the inner state under ``"inner"``), then ``aggregation.weighting`` →
 :class:`EqualWeights`, then the strategy. Strategies use layers themselves too:
 ``fedit`` and ``lora-fair`` put :class:`PadToRank` around their means for mixed ranks.
 """
@@ -208,15 +210,24 @@ def stack(
     norm_factor: float = 0.0,
     clip_norm: float = 0.0,
     weighting: str = "examples",
+    server_opt: Any = None,
 ) -> AggregatorBase[Any]:
     """The strategy's aggregator inside the configured layers (outermost first:
-    outlier rejection, clipping, equal weighting); a layer whose setting is off (0,
-    ``"examples"``) is left out."""
+    outlier rejection, clipping, the server optimizer, equal weighting); a layer whose
+    setting is off (0, ``"examples"``, ``None``) is left out.
+
+    Args:
+        server_opt: a :class:`fedpeft.aggregation.server_opt.ServerOptSettings`.
+    """
     out: AggregatorBase[Any] = hooks_of(aggregator)
     if weighting == "equal":
         out = EqualWeights(out)
     elif weighting != "examples":
         raise ValueError(f"aggregation.weighting must be examples or equal, got {weighting!r}")
+    if server_opt is not None:
+        from fedpeft.aggregation.server_opt import ServerOptimizer  # it builds on Layer
+
+        out = ServerOptimizer(out, server_opt)
     if clip_norm > 0:
         out = ClipUpdates(out, clip_norm)
     if norm_factor > 0:

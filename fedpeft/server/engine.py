@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from fedpeft.aggregation.layers import stack
+from fedpeft.aggregation.server_opt import server_opt_settings
 from fedpeft.checkpoint import client_state_problem
 from fedpeft.codecs import CodecContext
 from fedpeft.codecs.base import Chain, CodecState, Payload
@@ -230,6 +231,7 @@ class RoundEngine:
             norm_factor=cfg.validation.norm_factor,
             clip_norm=cfg.validation.clip_norm,
             weighting=cfg.aggregation.weighting,
+            server_opt=server_opt_settings(cfg),
         )
         self.uplink = uplink
         self.downlink = downlink

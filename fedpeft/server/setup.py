@@ -81,6 +81,16 @@ def build_strategy(cfg: RunConfig) -> tuple[FedStrategy, Chain, Chain]:
                 "privacy.secagg: Flower 1.41 provides SecAgg+ only in its legacy API, which "
                 "fedpeft does not use; secure aggregation is not available"
             )
+    if cfg.server_opt.name != "none":
+        if fed.server_opt:
+            problems.append(f"server-opt.name={cfg.server_opt.name!r} does not compose with "
+                            f"strategy {name!r}: {fed.server_opt}")
+        if cfg.privacy.dp != "none":
+            problems.append(
+                f"server-opt.name={cfg.server_opt.name!r} with privacy.dp: Flower's DP wrapper "
+                "adds its noise after fedpeft's aggregation, so the optimizer's moments would "
+                "see the clients' updates without noise; use one or the other"
+            )
     if cfg.privacy.dp != "none":
         if not fed.dp_compatible:
             problems.append(
