@@ -164,6 +164,12 @@ class TrainConfig:
         weight_decay: decoupled weight decay.
         optimizer: ``adamw`` or ``sgd``.
         num_threads: torch threads per client process (0 = leave torch's choice).
+        prox_mu: FedProx's μ (Li et al., MLSys 2020): ``(μ/2)‖w − w_start‖²`` added
+            to every local step's loss, for every strategy that trains in the
+            framework's loop (0 = off; :mod:`fedpeft.client.prox`).
+        logit_adjust: τ of the logit-adjusted loss on the client's own label prior
+            (classification; Menon et al., ICLR 2021; 1 = balanced softmax; 0 = off;
+            :mod:`fedpeft.tasks.logit_adjust`).
     """
 
     local_steps: int = 30
@@ -173,6 +179,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: Literal["adamw", "sgd"] = "adamw"
     num_threads: int = 0
+    prox_mu: float = 0.0
+    logit_adjust: float = 0.0
 
     def problems(self) -> list[str]:
         """Invalid values, one line each."""
@@ -188,6 +196,10 @@ class TrainConfig:
             out.append(f"train.weight-decay must be >= 0, got {self.weight_decay}")
         if self.num_threads < 0:
             out.append(f"train.num-threads must be >= 0, got {self.num_threads}")
+        if self.prox_mu < 0:
+            out.append(f"train.prox-mu must be >= 0 (0 = off), got {self.prox_mu}")
+        if self.logit_adjust < 0:
+            out.append(f"train.logit-adjust must be >= 0 (0 = off), got {self.logit_adjust}")
         return out
 
 

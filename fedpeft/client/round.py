@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedpeft.client.algorithm import finish_with_carry, overrides
+from fedpeft.client.prox import proximal_term
 from fedpeft.codecs import CodecContext, build_codec
 from fedpeft.codecs.base import Payload
 from fedpeft.codecs.tensors import decode_tensors, encode_tensors
@@ -98,10 +99,7 @@ def run_client_round(
         extra_metrics = {k: float(v) for k, v in local.metrics.items()}
         state = {**state, **local.state}
     else:
-        penalty = (
-            (lambda params: algorithm.penalty(params, plan)) if overrides(algorithm, "penalty") else None
-        )
-        result = task.train(model, train_data, trainable, plan.seed, penalty)
+        result = task.train(model, train_data, trainable, plan.seed, _penalty(cfg, algorithm, plan, start))
         trained = model.tensors()
     upload, new_state = finish_with_carry(algorithm, opened, trained, received, state, plan)
 
@@ -123,6 +121,26 @@ def run_client_round(
         **extra_metrics,
     }
     return ClientRound(encoded, new_state, dict(new_codec_state), metrics)
+
+
+def _penalty(cfg: RunConfig, algorithm: Any, plan: ClientPlan, start: TensorDict) -> Any:
+    """The strategy's ``penalty`` hook plus FedProx's term (``train.prox-mu``), or ``None``."""
+    terms = []
+    if overrides(algorithm, "penalty"):
+        terms.append(lambda params: algorithm.penalty(params, plan))
+    if cfg.train.prox_mu > 0:
+        anchor = {k: v.detach().clone() for k, v in start.items()}
+        terms.append(lambda params: proximal_term(params, anchor, cfg.train.prox_mu))
+    if not terms:
+        return None
+    if len(terms) == 1:
+        return terms[0]
+
+    def total(params: Any) -> Any:
+        parts = [t for t in (term(params) for term in terms) if t is not None]
+        return sum(parts[1:], parts[0]) if parts else None
+
+    return total
 
 
 def evaluate_client(

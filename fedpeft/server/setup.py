@@ -11,6 +11,7 @@ import pathlib
 from collections.abc import Sequence
 from datetime import datetime
 
+from fedpeft.client.algorithm import overrides
 from fedpeft.codecs import build_codec
 from fedpeft.codecs.base import Chain
 from fedpeft.config import RunConfig
@@ -81,6 +82,16 @@ def build_strategy(cfg: RunConfig) -> tuple[FedStrategy, Chain, Chain]:
                 "privacy.secagg: Flower 1.41 provides SecAgg+ only in its legacy API, which "
                 "fedpeft does not use; secure aggregation is not available"
             )
+    if cfg.train.prox_mu > 0 and overrides(fed.client, "local_round"):
+        problems.append(
+            f"train.prox-mu: strategy {name!r} trains in its own local_round, outside the "
+            "framework's loop that adds the proximal term; it cannot use FedProx"
+        )
+    if cfg.train.logit_adjust > 0 and cfg.task.name != "classification":
+        problems.append(
+            f"train.logit-adjust needs a classification task (a label prior), got "
+            f"task.name={cfg.task.name!r}"
+        )
     if cfg.server_opt.name != "none":
         if fed.server_opt:
             problems.append(f"server-opt.name={cfg.server_opt.name!r} does not compose with "

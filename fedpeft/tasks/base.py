@@ -30,6 +30,7 @@ from fedpeft.tasks.data import (
     label_histogram,
     partition_indices,
 )
+from fedpeft.tasks.logit_adjust import adjusted_cross_entropy, log_prior
 from fedpeft.tasks.model import AdapterModel, cached, seeded
 from fedpeft.tasks.packages import cache_root
 from fedpeft.tasks.train import PenaltyFn, StepFn, TrainResult, evaluate, local_train
@@ -332,8 +333,19 @@ class Task:
         penalty: PenaltyFn | None = None,
         on_step: StepFn | None = None,
     ) -> TrainResult:
-        """One round of local training (see :func:`fedpeft.tasks.train.local_train`)."""
-        return local_train(model, data, self.cfg.train, trainable, self.loss, seed, penalty, on_step)
+        """One round of local training (see :func:`fedpeft.tasks.train.local_train`);
+        with ``train.logit-adjust`` the classification loss is adjusted by this
+        client's label prior (:mod:`fedpeft.tasks.logit_adjust`)."""
+        loss_fn = self.loss
+        tau = self.cfg.train.logit_adjust
+        if tau > 0 and self.classification:
+            prior = log_prior(data.labels, len(self.label_names()))
+
+            def loss_fn(m: AdapterModel, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                out = m.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                return adjusted_cross_entropy(out.logits, batch["labels"], prior, tau), out.logits
+
+        return local_train(model, data, self.cfg.train, trainable, loss_fn, seed, penalty, on_step)
 
     def evaluate(self, model: AdapterModel, data: Examples) -> dict[str, float]:
         """Loss and accuracy (classification) or perplexity (causal LM)."""
