@@ -410,6 +410,22 @@ class ServerOptConfig:
 
 
 @dataclass(frozen=True)
+class ScaffoldConfig:
+    """SCAFFOLD's control variates (Karimireddy et al., ICML 2020, option II;
+    :mod:`fedpeft.aggregation.scaffold`), for every strategy whose clients train the
+    tensors they receive (one rank). The server variate travels with the payload and
+    each client's change with its upload (both in the byte ledger).
+
+    Attributes:
+        enabled: correct every local step by ``c − c_i``. The paper's algorithm with
+            ``train.optimizer=sgd``; with AdamW a variant (see the module). The global
+            step size η_g is ``server-opt.name=avgm`` with ``momentum=0``.
+    """
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
 class BudgetConfig:
     """Communication budget.
 
@@ -594,6 +610,7 @@ class RunConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
+    scaffold: ScaffoldConfig = field(default_factory=ScaffoldConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
@@ -626,6 +643,7 @@ _SECTIONS = (
     "validation",
     "aggregation",
     "server_opt",
+    "scaffold",
     "budget",
     "privacy",
     "codec",

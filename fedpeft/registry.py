@@ -79,8 +79,9 @@ class FedStrategy:
         mixed_ranks: the strategy accepts clients of different ranks.
         dp_compatible: clients upload the whole global adapter (same keys and
             shapes), so Flower's central-DP clipping wrapper applies as it is.
-        server_opt: why a server optimizer (``server-opt.name``) cannot follow this
-            strategy's global adapter (``""``: it can).
+        own_global_update: why the strategy alone must decide how its global adapter
+            moves (``""``: it need not), so a server optimizer (``server-opt.*``) and
+            SCAFFOLD's control variates (``scaffold.enabled``) are refused.
     """
 
     aggregator: Aggregator[Any]
@@ -90,7 +91,7 @@ class FedStrategy:
     needs_individual_updates: bool = False
     mixed_ranks: bool = False
     dp_compatible: bool = False
-    server_opt: str = ""
+    own_global_update: str = ""
 
 
 BuildFn = Callable[[Any, StrategyEnv], FedStrategy]

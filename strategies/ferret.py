@@ -570,10 +570,10 @@ def build(config: FerretOptions, env: StrategyEnv) -> FedStrategy:
         aggregator=FerretAggregator(config, env.seed, env.num_rounds),
         client=FerretClient(config, env.seed),
         lossy_codecs=False,
-        server_opt=(
+        own_global_update=(
             "Ferret's clients rebuild the global adapter by replaying the server's own "
-            "updates, which a server optimizer would change behind their back; use "
-            "ferret.momentum and ferret.server-lr"
+            "updates, which an outside step would change behind their back, and upload "
+            "projections, not tensors; use ferret.momentum and ferret.server-lr"
         ),
     )
 

@@ -190,9 +190,9 @@ def build(config: FloraConfig, env: StrategyEnv) -> FedStrategy:
         client=FreshLora(),
         needs_individual_updates=True,
         mixed_ranks=True,
-        server_opt=(
+        own_global_update=(
             "FLoRA re-initialises the LoRA factors every round (B = 0, a fresh A), so "
-            "there is no pseudo-gradient of A and B to follow"
+            "there is no trajectory of A and B to step along or correct"
         ),
     )
 

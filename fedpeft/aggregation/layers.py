@@ -12,7 +12,9 @@ updates it leaves out are reported in ``RoundOutput.rejected`` with their reason
 the updates the aggregate was made of in ``RoundOutput.updates``.
 
 The engine stacks the configured layers around the strategy's aggregator
-(:func:`stack`): ``validation.norm-factor`` → :class:`RejectOutliers`, then
+(:func:`stack`): ``scaffold.enabled`` →
+:class:`fedpeft.aggregation.scaffold.Scaffold` (it strips the control variates from
+the uploads), then ``validation.norm-factor`` → :class:`RejectOutliers`, then
 ``validation.clip-norm`` → :class:`ClipUpdates`, then ``server-opt.*`` →
 :class:`fedpeft.aggregation.server_opt.ServerOptimizer` (a layer with state: it nests
 the inner state under ``"inner"``), then ``aggregation.weighting`` →
@@ -211,13 +213,16 @@ def stack(
     clip_norm: float = 0.0,
     weighting: str = "examples",
     server_opt: Any = None,
+    scaffold_clients: int = 0,
 ) -> AggregatorBase[Any]:
     """The strategy's aggregator inside the configured layers (outermost first:
-    outlier rejection, clipping, the server optimizer, equal weighting); a layer whose
-    setting is off (0, ``"examples"``, ``None``) is left out.
+    SCAFFOLD's variates, outlier rejection, clipping, the server optimizer, equal
+    weighting); a layer whose setting is off (0, ``"examples"``, ``None``) is left out.
 
     Args:
         server_opt: a :class:`fedpeft.aggregation.server_opt.ServerOptSettings`.
+        scaffold_clients: ``N`` for :class:`fedpeft.aggregation.scaffold.Scaffold`
+            (0 = off). It is outermost so the variates never reach the other layers.
     """
     out: AggregatorBase[Any] = hooks_of(aggregator)
     if weighting == "equal":
@@ -232,4 +237,8 @@ def stack(
         out = ClipUpdates(out, clip_norm)
     if norm_factor > 0:
         out = RejectOutliers(out, norm_factor)
+    if scaffold_clients > 0:
+        from fedpeft.aggregation.scaffold import Scaffold  # it builds on Layer
+
+        out = Scaffold(out, scaffold_clients)
     return out

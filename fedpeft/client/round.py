@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fedpeft.aggregation import scaffold
 from fedpeft.client.algorithm import finish_with_carry, overrides
 from fedpeft.client.prox import proximal_term
 from fedpeft.codecs import CodecContext, build_codec
@@ -83,6 +84,9 @@ def run_client_round(
         seed=derive_seed(cfg.seed, "downlink", server_round, plan.partition_id), direction="downlink"
     )
     received = decode_tensors(received_payload, downlink, down_ctx)
+    # SCAFFOLD's variates (scaffold.enabled) travel beside the strategy's tensors
+    received, c = scaffold.split(received, scaffold.SERVER)
+    state, c_i = scaffold.split(state, scaffold.STATE)
 
     opened = algorithm.start(received, model.initial, state, plan)
     start, trainable = opened
@@ -99,9 +103,15 @@ def run_client_round(
         extra_metrics = {k: float(v) for k, v in local.metrics.items()}
         state = {**state, **local.state}
     else:
-        result = task.train(model, train_data, trainable, plan.seed, _penalty(cfg, algorithm, plan, start))
+        penalty = _penalty(cfg, algorithm, plan, start, c, c_i)
+        result = task.train(model, train_data, trainable, plan.seed, penalty)
         trained = model.tensors()
     upload, new_state = finish_with_carry(algorithm, opened, trained, received, state, plan)
+    if c:
+        new_c_i, delta = scaffold.client_variates(start, trained, c, c_i, result.steps, cfg.train.lr)
+        upload = {**upload, **{f"{scaffold.UPLOAD}{k}": v for k, v in delta.items()}}
+        kept = {**c_i, **new_c_i}
+        new_state = {**new_state, **{f"{scaffold.STATE}{k}": v for k, v in kept.items()}}
 
     up_ctx = CodecContext(
         seed=derive_seed(cfg.seed, "uplink", server_round, plan.partition_id),
@@ -123,14 +133,25 @@ def run_client_round(
     return ClientRound(encoded, new_state, dict(new_codec_state), metrics)
 
 
-def _penalty(cfg: RunConfig, algorithm: Any, plan: ClientPlan, start: TensorDict) -> Any:
-    """The strategy's ``penalty`` hook plus FedProx's term (``train.prox-mu``), or ``None``."""
+def _penalty(
+    cfg: RunConfig,
+    algorithm: Any,
+    plan: ClientPlan,
+    start: TensorDict,
+    c: TensorDict | None = None,
+    c_i: TensorDict | None = None,
+) -> Any:
+    """The strategy's ``penalty`` hook plus FedProx's term (``train.prox-mu``) plus
+    SCAFFOLD's correction (when the server sent a variate ``c``), or ``None``."""
     terms = []
     if overrides(algorithm, "penalty"):
         terms.append(lambda params: algorithm.penalty(params, plan))
     if cfg.train.prox_mu > 0:
         anchor = {k: v.detach().clone() for k, v in start.items()}
         terms.append(lambda params: proximal_term(params, anchor, cfg.train.prox_mu))
+    if c:
+        own = dict(c_i or {})
+        terms.append(lambda params: scaffold.correction_term(params, c, own))
     if not terms:
         return None
     if len(terms) == 1:
@@ -152,6 +173,8 @@ def evaluate_client(
 
     task = get_task(cfg)
     model = task.model(plan.rank)
+    received = scaffold.split(received, scaffold.SERVER)[0]
+    state = scaffold.split(state, scaffold.STATE)[0]
     start, _ = client_algorithm(cfg).start(received, model.initial, state, plan)
     model.load(start)
     _, test = task.client_data(*partition)

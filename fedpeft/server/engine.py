@@ -232,6 +232,7 @@ class RoundEngine:
             clip_norm=cfg.validation.clip_norm,
             weighting=cfg.aggregation.weighting,
             server_opt=server_opt_settings(cfg),
+            scaffold_clients=cfg.federation.clients if cfg.scaffold.enabled else 0,
         )
         self.uplink = uplink
         self.downlink = downlink

@@ -92,10 +92,24 @@ def build_strategy(cfg: RunConfig) -> tuple[FedStrategy, Chain, Chain]:
             f"train.logit-adjust needs a classification task (a label prior), got "
             f"task.name={cfg.task.name!r}"
         )
+    if cfg.scaffold.enabled:
+        if fed.own_global_update:
+            problems.append(f"scaffold.enabled does not compose with strategy {name!r}: "
+                            f"{fed.own_global_update}")
+        if overrides(fed.client, "local_round"):
+            problems.append(
+                f"scaffold.enabled: strategy {name!r} trains in its own local_round, outside "
+                "the framework's loop that applies the control variates"
+            )
+        if len(set(cfg.lora.rank_list)) > 1:
+            problems.append(
+                "scaffold.enabled needs one rank for every client (a variate per global "
+                f"tensor), got lora.ranks={cfg.lora.ranks!r}"
+            )
     if cfg.server_opt.name != "none":
-        if fed.server_opt:
+        if fed.own_global_update:
             problems.append(f"server-opt.name={cfg.server_opt.name!r} does not compose with "
-                            f"strategy {name!r}: {fed.server_opt}")
+                            f"strategy {name!r}: {fed.own_global_update}")
         if cfg.privacy.dp != "none":
             problems.append(
                 f"server-opt.name={cfg.server_opt.name!r} with privacy.dp: Flower's DP wrapper "
