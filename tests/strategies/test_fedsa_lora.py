@@ -93,3 +93,26 @@ def test_local_extras_keep_the_head_on_the_client():
 def test_registration():
     fed = get_strategy("fedsa-lora").build(FedSaLoraConfig(), fx.env())
     assert not fed.needs_individual_updates and not fed.mixed_ranks
+
+
+def test_client_evaluation_is_personalised_with_each_clients_own_b(tiny_config):
+    """``eval.client``: each client evaluates the shared A with its own B on its own
+    held-out share (``client_accuracy`` beside the global ``accuracy``)."""
+    from fedpeft.client.round import evaluate_client
+    from fedpeft.config import parse_run_config
+    from fedpeft.flower.inprocess import run_in_process
+    from fedpeft.tasks import get_task
+
+    flat = {**tiny_config, "strategy.name": "fedsa-lora", "eval.client": True}
+    results = run_in_process(flat)
+    last = results.rounds[-1]
+    assert 0.0 <= last["client_accuracy"] <= 1.0 and last["accuracy"] is not None
+    cfg = parse_run_config(flat)
+    glob = get_task(cfg).model(8).initial
+    b_keys = [k for k in glob if "lora_B" in k]
+    own = {k: glob[k] + 0.5 for k in b_keys}  # a client's trained B
+    shared = {k: v for k, v in glob.items() if k not in b_keys}
+    plan = fx.plan(0, rank=8)
+    with_b = evaluate_client(cfg, plan, (0, 3), shared, own)
+    without = evaluate_client(cfg, plan, (0, 3), shared, {})
+    assert with_b["loss"] != without["loss"]  # the client's B is what it is evaluated with
