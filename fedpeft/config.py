@@ -135,6 +135,8 @@ class DataConfig:
             evaluation (used only when ``eval.client`` is true).
         heterogeneity: ``synthetic`` task only: 0 = every client has the same target
             update, 1 = each client's target is its own, independent of the others.
+        validation_size: examples of the training pool set aside (seeded) as a
+            validation share, for tuning without the test set (``eval.split``); 0 = none.
     """
 
     partition: Literal["iid", "dirichlet", "topic"] = "iid"
@@ -143,6 +145,7 @@ class DataConfig:
     max_examples: int = 0
     client_test_fraction: float = 0.1
     heterogeneity: float = 0.5
+    validation_size: int = 0
 
     def problems(self) -> list[str]:
         """Invalid values, one line each."""
@@ -155,6 +158,8 @@ class DataConfig:
             out.append(
                 f"data.client-test-fraction must be in [0, 1), got {self.client_test_fraction}"
             )
+        if self.validation_size < 0:
+            out.append(f"data.validation-size must be >= 0, got {self.validation_size}")
         if not 0.0 <= self.heterogeneity <= 1.0:
             out.append(f"data.heterogeneity must be in [0, 1], got {self.heterogeneity}")
         return out
@@ -484,11 +489,15 @@ class EvalConfig:
             (round 0 = before training).
         client: also evaluate on each client's local held-out split.
         batch_size: evaluation batch size.
+        split: what the server evaluates on: ``test`` (the held-out test set) or
+            ``validation`` (the ``data.validation-size`` share of the training pool,
+            for tuning hyper-parameters without touching the test set).
     """
 
     server: bool = True
     client: bool = False
     batch_size: int = 64
+    split: Literal["test", "validation"] = "test"
 
     def problems(self) -> list[str]:
         """Invalid values, one line each."""

@@ -163,3 +163,22 @@ def test_label_histogram_counts():
     ex = Examples(input_ids=[[1]] * 5, labels=[0, 2, 2, 1, 2], groups=[0] * 5, label_ids=[0, 2, 2, 1, 2])
     assert label_histogram(ex) == [1, 1, 3]
     assert label_histogram(ex, [1, 2]) == [0, 0, 2]
+
+
+def test_the_validation_share_is_held_out_of_every_partition_and_never_the_test_set():
+    base = {"seed": 3, "data.test-size": 300}
+    plain = get_task(parse_run_config(base))
+    task = get_task(parse_run_config({**base, "data.validation-size": 200}))
+    val_task = get_task(parse_run_config({**base, "data.validation-size": 200, "eval.split": "validation"}))
+    pool, val = task._pool_split()
+    _, test = task._split()
+    assert len(val) == 200 and not set(val) & set(pool) and not set(val) & set(test)
+    corpus = task.corpus()
+    seen = {tuple(corpus.input_ids[i]) for i in val}
+    assert not any(tuple(corpus.input_ids[i]) in seen for i in pool)  # no copy of a validation text
+    assert set(pool) <= set(plain._pool_split()[0]) and len(plain._pool_split()[1]) == 0
+    parts = all_partition_indices(task.train_pool(), 4, task.cfg.data, 0)
+    assert sum(len(p) for p in parts) == len(task.train_pool()) == len(pool)
+    assert val_task.test_data().input_ids == corpus.subset(val.tolist()).input_ids
+    assert task.test_data().input_ids == plain.test_data().input_ids  # the test set is unchanged
+    assert task.split_summary(4)["validation"] == 200

@@ -82,6 +82,9 @@ def build_strategy(cfg: RunConfig) -> tuple[FedStrategy, Chain, Chain]:
                 "privacy.secagg: Flower 1.41 provides SecAgg+ only in its legacy API, which "
                 "fedpeft does not use; secure aggregation is not available"
             )
+    if cfg.eval.split == "validation" and cfg.data.validation_size == 0:
+        problems.append("eval.split=validation needs data.validation-size > 0 (the share to "
+                        "evaluate on)")
     if cfg.train.prox_mu > 0 and overrides(fed.client, "local_round"):
         problems.append(
             f"train.prox-mu: strategy {name!r} trains in its own local_round, outside the "

@@ -189,18 +189,38 @@ class Task:
             lambda: holdout_split(len(self.corpus()), self.test_size, seed, self.corpus()),
         )
 
+    def _pool_split(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(the clients' pool, the validation share)`` as corpus indices: with
+        ``data.validation-size`` = v > 0, v seeded examples of the pool left after the
+        test hold-out are set aside (pool copies of their texts dropped, as for the test
+        set); with v = 0 the pool is the hold-out's and the share is empty."""
+        pool, _ = self._split()
+        size = self.cfg.data.validation_size
+        if size == 0:
+            return pool, pool[:0]
+        seed = derive_seed(self.cfg.seed, "validation")
+
+        def build() -> tuple[np.ndarray, np.ndarray]:
+            keep, val = holdout_split(len(pool), size, seed, self.corpus().subset(pool.tolist()))
+            return pool[keep], pool[val]
+
+        return cached(self._key("validation", self.test_size, size, seed), build)
+
     def test_data(self) -> Examples:
-        """The server's held-out test set (seeded, disjoint from every partition; no
-        pool example repeats a test example's tokens)."""
+        """The server's evaluation set: the held-out test set (seeded, disjoint from
+        every partition; no pool example repeats a test example's tokens), or with
+        ``eval.split=validation`` the validation share of the pool (for tuning)."""
+        if self.cfg.eval.split == "validation":
+            return self.corpus().subset(self._pool_split()[1].tolist())
         return self.corpus().subset(self._split()[1].tolist())
 
     def train_pool(self) -> Examples:
-        """The examples left for the clients once the test set is held out (once per
-        process; the lists share the corpus's token lists, so this costs only the
-        index lists)."""
+        """The examples left for the clients once the test set (and the validation
+        share, if any) is held out (once per process; the lists share the corpus's
+        token lists, so this costs only the index lists)."""
         return cached(
-            self._key("pool", self.test_size, self.cfg.seed),
-            lambda: self.corpus().subset(self._split()[0].tolist()),
+            self._key("pool", self.test_size, self.cfg.seed, self.cfg.data.validation_size),
+            lambda: self.corpus().subset(self._pool_split()[0].tolist()),
         )
 
     def client_data(self, partition_id: int, num_partitions: int) -> tuple[Examples, Examples]:
@@ -240,7 +260,7 @@ class Task:
                       num_partitions, data_cfg, self.cfg.eval.client)).encode()
             ).hexdigest()[:16]
             path = cache_root(self.cfg.model.cache_dir) / f"part-{key}.npz"
-            pool_idx = self._split()[0]
+            pool_idx = self._pool_split()[0]
             whole = self.corpus()
             if path.exists():
                 try:
@@ -281,6 +301,7 @@ class Task:
             for pid, idx in enumerate(parts)
         ]
         train_idx, test_idx = self._split()
+        validation = self._pool_split()[1]
         return {
             "partition": self.cfg.data.partition,
             "alpha": self.cfg.data.alpha if self.cfg.data.partition == "dirichlet" else None,
@@ -288,6 +309,7 @@ class Task:
             "pool": label_histogram(pool),
             "test": label_histogram(self.corpus(), test_idx.tolist()),
             "dropped_test_copies": len(self.corpus()) - len(train_idx) - len(test_idx),
+            "validation": len(validation),
             "clients": clients,
         }
 

@@ -14,6 +14,11 @@ uses the raw logits::
 A class the client never saw gets ``log π_c`` clamped at ``log 1e-8``, so its logit is
 pushed down by about 18τ and its softmax gradient is close to zero: the client's loss
 says nothing about it instead of teaching it is absent.
+
+Interaction: a client holding a single class then barely moves (its loss is ≈ 0), so
+with many such clients the round's low median update norm is tiny and the default
+outlier rule (``validation.norm-factor`` = 10 × that median) rejects the others'
+ordinary updates; raise the factor or set it to 0 with this loss.
 """
 
 from __future__ import annotations
