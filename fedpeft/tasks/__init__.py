@@ -7,7 +7,8 @@ from fedpeft.config import RunConfig
 from fedpeft.tasks.base import Task
 
 TASKS = {"classification": "fedpeft.tasks.classification:Classification",
-         "causal-lm": "fedpeft.tasks.causal_lm:CausalLM"}
+         "causal-lm": "fedpeft.tasks.causal_lm:CausalLM",
+         "synthetic": "fedpeft.tasks.synthetic:Synthetic"}
 
 
 def get_task(cfg: RunConfig) -> Task:
