@@ -330,7 +330,7 @@ def simulate(flat: FlatConfig, quiet: bool = False, verbose: bool = False) -> pa
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML run config to start from (e.g. simulations/configs/…)")
     p.add_argument("--strategy", help="registered strategy name (default fedit)")
-    p.add_argument("--task", help="classification (default) or causal-lm")
+    p.add_argument("--task", help="classification (default), causal-lm or synthetic")
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--clients", type=int, help="number of clients (simulated SuperNodes)")
     p.add_argument("--seed", type=int, help="run seed")

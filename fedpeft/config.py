@@ -53,7 +53,8 @@ class ModelConfig:
     Attributes:
         name: ``""`` for the task's default (``minilm`` / ``smollm2``); ``minilm``,
             ``smollm2``, ``tiny-bert`` / ``tiny-llama`` (tiny random models for tests),
-            or a path to a local Hugging Face model folder.
+            or a path to a local Hugging Face model folder; for ``task.name=synthetic``
+            ``mlp`` (default) or ``linear`` (no activation).
         max_length: maximum tokens per example.
         cache_dir: where converted models are cached (``""``: ``$FEDPEFT_CACHE`` or
             ``~/.cache/fedpeft``).

@@ -6,7 +6,8 @@ FedIT / a strategy with a remedy: a server optimizer, FedProx, SCAFFOLD, the
 logit-adjusted loss):
 
 1. **tune**: one run per client learning rate of ``--lrs`` at ``--tune-seed``, scored
-   by the final accuracy on a validation share of the training pool
+   by the final accuracy on a validation share of the training pool (skipped when the
+   grid has one rate)
    (``data.validation-size`` examples, held out of every partition;
    ``eval.split=validation``) — never the test set. FedSA-LoRA is scored by its
    personalised accuracy (``eval.client``: each client's own held-out share);
@@ -174,7 +175,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown split or method {unknown}; splits {list(SPLITS)}, methods {list(METHODS)}")
     results: dict[str, Any] = {"budget": base, "lrs": lrs, "seeds": seeds, "splits": {}}
-    total = len(splits) * len(methods) * (len(lrs) + len(seeds))
+    total = len(splits) * len(methods) * ((len(lrs) if len(lrs) > 1 else 0) + len(seeds))
     done, started = 0, time.perf_counter()
 
     def progress(label: str, rec: dict[str, Any]) -> None:
@@ -188,8 +189,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         table: dict[str, Any] = {}
         for method in methods:
             keys = {**base, **SPLITS[split], **METHODS[method]}
-            tuning = {}
-            for lr in lrs:
+            tuning: dict[float, float | None] = {}
+            for lr in lrs if len(lrs) > 1 else []:  # one rate: nothing to tune
                 out = args.out / "runs" / split / f"{method}-lr{lr:g}-tune"
                 rec = run({**keys, "train.lr": lr, "seed": args.tune_seed, "eval.split": "validation"}, out)
                 tuning[lr] = score(method, rec["summary"])

@@ -68,7 +68,6 @@ optimizer, seeded batch order, penalty and ``on_step`` hooks) on regression batc
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +80,7 @@ from fedpeft.errors import ConfigError
 from fedpeft.seeding import derive_seed
 from fedpeft.tasks.base import PARTITIONS_BUILT, Task
 from fedpeft.tasks.model import AdapterModel, cached, seeded
-from fedpeft.tasks.train import PenaltyFn, StepFn, TrainResult, _backward, batch_schedule
+from fedpeft.tasks.train import PenaltyFn, StepFn, TrainResult, local_train
 
 D_IN, HIDDEN, D_OUT = 16, 32, 16
 LAYERS: dict[str, tuple[int, int]] = {
@@ -395,39 +394,10 @@ class Synthetic(Task):
         penalty: PenaltyFn | None = None,
         on_step: StepFn | None = None,
     ) -> TrainResult:
-        """One round of local training: :func:`fedpeft.tasks.train.local_train`'s loop
-        (steps or epochs, optimizer, seeded batch order, penalty, ``on_step``) on
+        """One round of local training: :func:`fedpeft.tasks.train.local_train` on
         regression batches."""
-        cfg = self.cfg.train
-        start = time.perf_counter()
-        n = len(data)
-        if n == 0:
-            return TrainResult(num_examples=0, steps=0, loss=float("nan"), seconds=0.0)
-        steps = (
-            max(1, math.ceil(cfg.local_epochs * n / cfg.batch_size))
-            if cfg.local_epochs > 0
-            else cfg.local_steps
-        )
-        params = model.set_trainable(trainable)
-        if cfg.optimizer == "adamw":
-            opt: torch.optim.Optimizer = torch.optim.AdamW(
-                params, lr=cfg.lr, weight_decay=cfg.weight_decay
-            )
-        else:
-            opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        live = {k: p for k, p in model.params.items() if k in trainable}
-        total = 0.0
-        model.model.train()
-        with seeded(seed):
-            for step, idx in enumerate(batch_schedule(n, cfg.batch_size, steps, seed), start=1):
-                total += _backward(model, data.batch(idx), self.loss, penalty, live)
-                opt.step()
-                if on_step is not None:
-                    on_step(step, opt)
-                opt.zero_grad(set_to_none=True)
-        model.model.eval()
-        return TrainResult(
-            num_examples=n, steps=steps, loss=total / steps, seconds=time.perf_counter() - start
+        return local_train(
+            model, data, self.cfg.train, trainable, self.loss, seed, penalty, on_step, batch_fn=data.batch
         )
 
     def evaluate(self, model: AdapterModel, data: SyntheticData) -> dict[str, float]:  # type: ignore[override]

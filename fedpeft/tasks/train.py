@@ -91,12 +91,15 @@ def local_train(
     seed: int,
     penalty: PenaltyFn | None = None,
     on_step: StepFn | None = None,
+    batch_fn: Callable[[list[int]], Mapping[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
     """Train the loaded adapter's ``trainable`` tensors for one round.
 
     Steps: ``cfg.local_steps``, or ``ceil(local_epochs · n / batch_size)`` when
     ``local_epochs > 0``. Dropout and batch order are seeded by ``seed``; the global
-    RNG is restored afterwards.
+    RNG is restored afterwards. ``batch_fn(indices)`` builds a batch (default: the
+    token batch of ``data``, :func:`fedpeft.tasks.data.collate`); ``data`` needs only
+    ``len()`` then.
     """
     start = time.perf_counter()
     n = len(data)
@@ -119,7 +122,9 @@ def local_train(
     model.model.train()
     with seeded(seed):
         for step, idx in enumerate(batch_schedule(n, cfg.batch_size, steps, seed), start=1):
-            batch = collate(data, idx.tolist(), model.pad_id)
+            batch = (
+                batch_fn(idx.tolist()) if batch_fn is not None else collate(data, idx.tolist(), model.pad_id)
+            )
             total += _backward(model, batch, loss_fn, penalty, live)
             opt.step()
             if on_step is not None:  # the step's graph is gone: parameters may change shape
