@@ -1,0 +1,46 @@
+"""simulations/bench_heterogeneity.py: tuning never sees the test set, the paired
+interval is Student's, and a quick run writes its report (tiny model, seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import statistics
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_heterogeneity", ROOT / "simulations" / "bench_heterogeneity.py")
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["bench_heterogeneity"] = bench
+_spec.loader.exec_module(bench)
+
+
+def test_the_paired_interval_is_the_student_t_one():
+    diffs = [0.02, 0.05, -0.01]
+    mean, half = bench.paired(diffs)
+    assert mean == pytest.approx(statistics.fmean(diffs))
+    assert half == pytest.approx(4.303 * statistics.stdev(diffs) / 3**0.5)
+
+
+def test_a_quick_run_tunes_on_the_validation_share_and_reports(tmp_path, monkeypatch):
+    out = tmp_path / "het"
+    argv = ["bench", "--quick", "--out", str(out), "--splits", "dirichlet-0.1",
+            "--methods", "fedit,fedsa-lora"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    runs = out / "runs" / "dirichlet-0.1"
+    for method in ("fedit", "fedsa-lora"):
+        for lr in ("0.005", "0.01"):
+            cfg = json.loads((runs / f"{method}-lr{lr}-tune" / "config.json").read_text())["config"]
+            assert cfg["eval.split"] == "validation" and cfg["data.validation-size"] > 0
+        for seed in (0, 1):
+            cfg = json.loads((runs / f"{method}-seed{seed}" / "config.json").read_text())["config"]
+            assert cfg["eval.split"] == "test" and cfg["seed"] == seed
+    report = (out / "heterogeneity.md").read_text()
+    assert "| fedit |" in report and "| fedsa-lora |" in report and "Δ vs fedit" in report
+    results = json.loads((out / "heterogeneity.json").read_text())
+    assert set(results["splits"]["dirichlet-0.1"]) == {"fedit", "fedsa-lora"}
+    assert (out / "accuracy-dirichlet-0.1.png").stat().st_size > 0
