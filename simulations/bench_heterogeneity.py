@@ -195,7 +195,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 rec = run({**keys, "train.lr": lr, "seed": args.tune_seed, "eval.split": "validation"}, out)
                 tuning[lr] = score(method, rec["summary"])
                 progress(f"{split} {method} lr {lr:g} (validation {tuning[lr]})", rec)
-            best = max((lr for lr in lrs if tuning[lr] is not None), key=lambda lr: tuning[lr], default=lrs[0])
+            scored = [lr for lr in lrs if tuning.get(lr) is not None]
+            best = max(scored, key=lambda lr: tuning[lr]) if scored else lrs[0]
             runs = {}
             for seed in seeds:
                 out = args.out / "runs" / split / f"{method}-seed{seed}"
