@@ -259,3 +259,26 @@ def test_heterogeneity_separates_the_aggregation_rules(tmp_path):
     for h in (0.0, 0.5, 1.0):
         assert errors["lora-fair", h] <= errors["fedit", h] + 1e-9
         assert errors["fedex-lora", h] < 1e-5
+
+
+def test_lora_fair_lowers_the_global_loss_more_as_heterogeneity_grows(tmp_path):
+    """LoRA-FAIR's claim on a task that can separate it: over 5 seeds its final global
+    loss is below FedIT's (paired by seed) at h = 1, by more than at h = 0. The effect is
+    small here (about 0.3 % of the loss at h = 1): the heterogeneity floor dominates."""
+    gap = {}
+    for h in (0.0, 1.0):
+        diffs = []
+        for seed in range(5):
+            finals = {}
+            for name in ("fedit", "lora-fair"):
+                flat = {
+                    "task.name": "synthetic", "data.heterogeneity": h, "strategy.name": name,
+                    "federation.clients": 4, "federation.rounds": 5, "train.lr": 5e-3,
+                    "train.local-steps": 10, "seed": seed, "output.save-adapter": False,
+                    "output.dir": str(tmp_path / f"{h}-{seed}-{name}"),
+                }
+                finals[name] = run_in_process(flat).rounds[-1]["loss"]
+            diffs.append(finals["fedit"] - finals["lora-fair"])
+        gap[h] = diffs
+    assert sum(d > 0 for d in gap[1.0]) >= 4, gap
+    assert sum(gap[1.0]) > sum(gap[0.0]), gap
