@@ -3,19 +3,15 @@ interval is Student's, and a quick run writes its report (tiny model, seconds)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 import statistics
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_heterogeneity", ROOT / "simulations" / "bench_heterogeneity.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_heterogeneity"] = bench
-_spec.loader.exec_module(bench)
+from tests.support.scripts import load_script
+
+bench = load_script("bench_heterogeneity")
 
 
 def test_the_paired_interval_is_the_student_t_one():

@@ -3,7 +3,6 @@ and an interrupted + resumed run equals an uninterrupted one bit for bit."""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import signal
 import subprocess
@@ -14,11 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.support.scripts import load_script
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("fault_matrix", ROOT / "simulations" / "fault_matrix.py")
-fault_matrix = importlib.util.module_from_spec(_spec)
-sys.modules["fault_matrix"] = fault_matrix
-_spec.loader.exec_module(fault_matrix)
+fault_matrix = load_script("fault_matrix")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fedpeft import ClientUpdate, ConfigError, WeightedMean
-from fedpeft.aggregation.server_opt import ServerOptimizer, ServerOptSettings
-from fedpeft.config import parse_run_config
+from fedpeft.aggregation.server_opt import ServerOptimizer
+from fedpeft.config import ServerOptConfig, parse_run_config
 from fedpeft.server import RoundEngine, ServerState, build_strategy
 from tests.strategies import _factories as fx
 from tests.test_aggregation_layers import Probe
@@ -26,7 +26,7 @@ def _updates(glob, scales, counts=(1, 1)):
 
 def test_adam_first_step_is_the_papers_closed_form():
     glob = {"w": torch.zeros(3, dtype=torch.float64)}
-    s = ServerOptSettings("adam", lr=0.5, beta1=0.9, beta2=0.99, tau=1e-3)
+    s = ServerOptConfig(name="adam", lr=0.5, beta1=0.9, beta2=0.99, tau=1e-3)
     layer = ServerOptimizer(WeightedMean(), s)
     out = layer.aggregate(layer.initialize(glob), glob, _updates(glob, (0.2, 0.4)), 1)
     delta = 0.3  # the mean's change
@@ -38,10 +38,10 @@ def test_adam_first_step_is_the_papers_closed_form():
 
 def test_avgm_with_rate_one_and_no_momentum_is_the_plain_mean_and_momentum_accumulates():
     glob = {"w": torch.zeros(2)}
-    plain = ServerOptimizer(WeightedMean(), ServerOptSettings("avgm", lr=1.0, momentum=0.0))
+    plain = ServerOptimizer(WeightedMean(), ServerOptConfig(name="avgm", lr=1.0, momentum=0.0))
     out = plain.aggregate(plain.initialize(glob), glob, _updates(glob, (1.0, 3.0)), 1)
     torch.testing.assert_close(out.tensors["w"], torch.full((2,), 2.0))
-    heavy = ServerOptimizer(WeightedMean(), ServerOptSettings("avgm", lr=1.0, momentum=0.5))
+    heavy = ServerOptimizer(WeightedMean(), ServerOptConfig(name="avgm", lr=1.0, momentum=0.5))
     state = heavy.initialize(glob)
     first = heavy.aggregate(state, glob, _updates(glob, (1.0, 1.0)), 1)
     second = heavy.aggregate(first.state, first.tensors, _updates(first.tensors, (1.0, 1.0)), 2)
@@ -51,7 +51,7 @@ def test_avgm_with_rate_one_and_no_momentum_is_the_plain_mean_and_momentum_accum
 
 def test_the_layer_nests_the_inner_state_and_delegates_every_hook_with_it():
     probe = Probe()
-    layer = ServerOptimizer(probe, ServerOptSettings("yogi"))
+    layer = ServerOptimizer(probe, ServerOptConfig(name="yogi"))
     state = layer.initialize({})
     assert state == {"inner": {"n": 0}, "m": {}, "v": {}}
     plan = fx.plan(0)

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
-import sys
 
 from fedpeft.config import parse_run_config
+from tests.support.scripts import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("sweep", ROOT / "simulations" / "sweep.py")
-sweep = importlib.util.module_from_spec(_spec)
-sys.modules["sweep"] = sweep
-_spec.loader.exec_module(sweep)
+sweep = load_script("sweep")
 
 
 def test_every_preset_variant_is_a_valid_config():

@@ -220,7 +220,7 @@ def stack(
     weighting); a layer whose setting is off (0, ``"examples"``, ``None``) is left out.
 
     Args:
-        server_opt: a :class:`fedpeft.aggregation.server_opt.ServerOptSettings`.
+        server_opt: the ``server-opt`` section (:class:`fedpeft.config.ServerOptConfig`).
         scaffold_clients: ``N`` for :class:`fedpeft.aggregation.scaffold.Scaffold`
             (0 = off). It is outermost so the variates never reach the other layers.
     """

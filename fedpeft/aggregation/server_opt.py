@@ -38,58 +38,22 @@ tensors, ``server_opt/pseudo_gradient_norm`` is ``‖Δ‖``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from fedpeft.aggregation.layers import Layer
+from fedpeft.config import ServerOptConfig
 from fedpeft.types import ClientPlan, ClientUpdate, RoundOutput, TensorDict
-
-OptimizerName = Literal["avgm", "adam", "yogi", "adagrad"]
 
 DEFAULT_LR: dict[str, float] = {"avgm": 1.0, "adam": 0.1, "yogi": 0.01, "adagrad": 0.1}
 """``server-opt.lr = 0`` means these: Hsu et al.'s server rate 1 for FedAvgM, Flower
 1.41's ``eta`` defaults for the adaptive ones (Reddi et al. tune η per task)."""
 
 
-@dataclass(frozen=True)
-class ServerOptSettings:
-    """One server optimizer's hyper-parameters.
-
-    Attributes:
-        name: ``avgm``, ``adam``, ``yogi`` or ``adagrad``.
-        lr: server learning rate η (``0``: :data:`DEFAULT_LR`).
-        momentum: FedAvgM's μ (Hsu et al.: 0.9).
-        beta1: first-moment decay β₁ of the adaptive methods (paper: 0.9).
-        beta2: second-moment decay β₂ of adam and yogi (paper: 0.99).
-        tau: adaptivity τ (paper and Flower: 1e-3).
-        bias_correction: adam's bias-corrected rate, as Flower's ``FedAdam``.
-    """
-
-    name: OptimizerName
-    lr: float = 0.0
-    momentum: float = 0.9
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    bias_correction: bool = False
-
-    @property
-    def rate(self) -> float:
-        """η."""
-        return self.lr if self.lr > 0 else DEFAULT_LR[self.name]
-
-
-def server_opt_settings(cfg: Any) -> ServerOptSettings | None:
-    """The ``server-opt`` section of a ``RunConfig`` as settings (``None``: off)."""
-    c = cfg.server_opt
-    if c.name == "none":
-        return None
-    return ServerOptSettings(
-        name=c.name, lr=c.lr, momentum=c.momentum, beta1=c.beta1, beta2=c.beta2,
-        tau=c.tau, bias_correction=c.bias_correction,
-    )
+def rate(settings: ServerOptConfig) -> float:
+    """η: ``server-opt.lr``, or the method's :data:`DEFAULT_LR` when it is 0."""
+    return settings.lr if settings.lr > 0 else DEFAULT_LR[settings.name]
 
 
 def _is_float(t: torch.Tensor) -> bool:
@@ -101,12 +65,13 @@ class ServerOptimizer(Layer):
 
     Args:
         inner: the aggregator whose result defines the pseudo-gradient.
-        settings: the optimizer and its hyper-parameters.
+        settings: the optimizer and its hyper-parameters (the ``server-opt`` section;
+            ``name`` is not ``none``).
     """
 
     name = "server_opt"
 
-    def __init__(self, inner: Any, settings: ServerOptSettings) -> None:
+    def __init__(self, inner: Any, settings: ServerOptConfig) -> None:
         super().__init__(inner)
         self.settings = settings
 
@@ -148,7 +113,7 @@ class ServerOptimizer(Layer):
                 mom = pg if mom is None or s.momentum == 0 else s.momentum * mom + pg
                 if s.momentum > 0:
                     m[key] = mom
-                stepped = x64 - s.rate * mom
+                stepped = x64 - rate(s) * mom
             else:
                 m1 = m.get(key, torch.zeros_like(delta))
                 m1 = s.beta1 * m1 + (1 - s.beta1) * delta
@@ -161,11 +126,11 @@ class ServerOptimizer(Layer):
                 else:  # adagrad
                     v1 = v1 + sq
                 m[key], v[key] = m1, v1
-                rate = s.rate
+                eta = rate(s)
                 if s.name == "adam" and s.bias_correction:
                     t = server_round + 1.0
-                    rate = s.rate * (1 - s.beta2**t) ** 0.5 / (1 - s.beta1**t)
-                stepped = x64 + rate * m1 / (v1.sqrt() + s.tau)
+                    eta = eta * (1 - s.beta2**t) ** 0.5 / (1 - s.beta1**t)
+                stepped = x64 + eta * m1 / (v1.sqrt() + s.tau)
             new[key] = stepped.to(target.dtype)
             grad2 += float((delta * delta).sum())
             step2 += float(((stepped - x64) ** 2).sum())

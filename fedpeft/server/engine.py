@@ -38,7 +38,6 @@ from typing import Any
 import torch
 
 from fedpeft.aggregation.layers import stack
-from fedpeft.aggregation.server_opt import server_opt_settings
 from fedpeft.checkpoint import client_state_problem
 from fedpeft.codecs import CodecContext
 from fedpeft.codecs.base import Chain, CodecState, Payload
@@ -231,7 +230,7 @@ class RoundEngine:
             norm_factor=cfg.validation.norm_factor,
             clip_norm=cfg.validation.clip_norm,
             weighting=cfg.aggregation.weighting,
-            server_opt=server_opt_settings(cfg),
+            server_opt=cfg.server_opt if cfg.server_opt.name != "none" else None,
             scaffold_clients=cfg.federation.clients if cfg.scaffold.enabled else 0,
         )
         self.uplink = uplink

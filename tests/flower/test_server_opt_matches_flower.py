@@ -12,7 +12,8 @@ from flwr.common import MessageType
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 from fedpeft import ClientUpdate, WeightedMean
-from fedpeft.aggregation.server_opt import ServerOptimizer, ServerOptSettings
+from fedpeft.aggregation.server_opt import ServerOptimizer
+from fedpeft.config import ServerOptConfig
 from tests.strategies import _factories as fx
 
 SHAPES = {"a": (4, 6), "b": (6, 4), "head": (3,)}
@@ -41,22 +42,22 @@ CASES = [
     (
         "avgm",
         lambda: FedAvgM(server_learning_rate=0.7, server_momentum=0.9),
-        ServerOptSettings("avgm", lr=0.7, momentum=0.9),
+        ServerOptConfig(name="avgm", lr=0.7, momentum=0.9),
     ),
     (
         "adam",
         lambda: FedAdam(eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3),
-        ServerOptSettings("adam", lr=0.05, beta1=0.9, beta2=0.99, tau=1e-3, bias_correction=True),
+        ServerOptConfig(name="adam", lr=0.05, beta1=0.9, beta2=0.99, tau=1e-3, bias_correction=True),
     ),
     (
         "yogi",
         lambda: FedYogi(eta=0.02, beta_1=0.9, beta_2=0.99, tau=1e-3),
-        ServerOptSettings("yogi", lr=0.02, beta1=0.9, beta2=0.99, tau=1e-3),
+        ServerOptConfig(name="yogi", lr=0.02, beta1=0.9, beta2=0.99, tau=1e-3),
     ),
     (
         "adagrad",
         lambda: FedAdagrad(eta=0.1, tau=1e-3),  # Flower's FedAdagrad has β₁ = 0
-        ServerOptSettings("adagrad", lr=0.1, beta1=0.0, tau=1e-3),
+        ServerOptConfig(name="adagrad", lr=0.1, beta1=0.0, tau=1e-3),
     ),
 ]
 
