@@ -423,9 +423,10 @@ class ScaffoldConfig:
     each client's change with its upload (both in the byte ledger).
 
     Attributes:
-        enabled: correct every local step by ``c − c_i``. The paper's algorithm with
-            ``train.optimizer=sgd``; with AdamW a variant (see the module). The global
-            step size η_g is ``server-opt.name=avgm`` with ``momentum=0``.
+        enabled: correct every local step by ``c − c_i``; needs
+            ``train.optimizer=sgd`` (under AdamW the variates are normalised steps, not
+            gradients: refused, see the module). The global step size η_g is
+            ``server-opt.name=avgm`` with ``momentum=0``.
     """
 
     enabled: bool = False

@@ -30,7 +30,7 @@ def test_a_quick_run_tunes_on_the_validation_share_and_reports(tmp_path, monkeyp
     runs = out / "runs" / "dirichlet-0.1"
     for method in ("fedit", "fedsa-lora"):
         for lr in ("0.005", "0.01"):
-            cfg = json.loads((runs / f"{method}-lr{lr}-tune" / "config.json").read_text())["config"]
+            cfg = json.loads((runs / f"{method}-train.lr{lr}-tune" / "config.json").read_text())["config"]
             assert cfg["eval.split"] == "validation" and cfg["data.validation-size"] > 0
         for seed in (0, 1):
             cfg = json.loads((runs / f"{method}-seed{seed}" / "config.json").read_text())["config"]

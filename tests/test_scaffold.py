@@ -94,8 +94,9 @@ def test_scaffold_removes_client_drift_on_a_quadratic():
 
 
 def test_a_run_through_flower_sends_the_variates_both_ways(tiny_config):
-    plain = run_in_process({**tiny_config, "output.dir": tiny_config["output.dir"] + "-plain"})
-    with_c = run_in_process({**tiny_config, "scaffold.enabled": True})
+    sgd = {**tiny_config, "train.optimizer": "sgd", "train.lr": 0.05}
+    plain = run_in_process({**sgd, "output.dir": tiny_config["output.dir"] + "-plain"})
+    with_c = run_in_process({**sgd, "scaffold.enabled": True})
     for r in with_c.rounds[1:]:
         assert r["rejected"] == 0 and r["failed"] == 0
         assert "scaffold/variate_step_norm" in r["strategy_metrics"]
@@ -111,6 +112,7 @@ def test_a_run_through_flower_sends_the_variates_both_ways(tiny_config):
         ({"strategy.name": "flora"}, "FLoRA re-initialises"),
         ({"strategy.name": "fedspine"}, "own local_round"),
         ({"lora.ranks": "4,8"}, "needs one rank"),
+        ({"train.optimizer": "adamw"}, "needs train.optimizer=sgd"),
     ],
 )
 def test_scaffold_is_refused_where_it_cannot_work(overrides, message):
