@@ -282,3 +282,11 @@ def test_lora_fair_lowers_the_global_loss_more_as_heterogeneity_grows(tmp_path):
         gap[h] = diffs
     assert sum(d > 0 for d in gap[1.0]) >= 4, gap
     assert sum(gap[1.0]) > sum(gap[0.0]), gap
+
+
+def test_the_validation_split_is_a_fresh_draw_of_the_same_mixture():
+    base = {"task.name": "synthetic", "federation.clients": 4, "data.validation-size": 40}
+    test = get_task(parse_run_config(base)).test_data()
+    val = get_task(parse_run_config({**base, "eval.split": "validation"})).test_data()
+    assert len(val) == 40 and not torch.equal(val.x[:10], test.x[:10])
+    assert torch.equal(val.source.unique(), test.source.unique())  # every client's map

@@ -308,13 +308,18 @@ class Synthetic(Task):
 
     def test_data(self) -> SyntheticData:
         """``⌊test-size / K⌋`` examples from each of the ``K = federation.clients``
-        clients' maps (the mixture: the server's loss is the mean client objective)."""
+        clients' maps (the mixture: the server's loss is the mean client objective);
+        with ``eval.split=validation``, ``⌊data.validation-size / K⌋`` fresh ones of
+        the same mixture (another stream, so tuning never sees the test draw)."""
         clients = self.cfg.federation.clients
-        per = max(1, self.test_size // clients)
+        validation = self.cfg.eval.split == "validation"
+        stream = "validation" if validation else "test"
+        size = self.cfg.data.validation_size if validation else self.test_size
+        per = max(1, size // clients)
 
         def build() -> SyntheticData:
             parts = [
-                sample(self.cfg.seed, k, self.heterogeneity, per, "test", self.model_name)
+                sample(self.cfg.seed, k, self.heterogeneity, per, stream, self.model_name)
                 for k in range(clients)
             ]
             return SyntheticData(
@@ -323,7 +328,7 @@ class Synthetic(Task):
                 source=torch.cat([p.source for p in parts]),
             )
 
-        return cached(self._data_key("test", clients, per, self.model_name), build)
+        return cached(self._data_key(stream, clients, per, self.model_name), build)
 
     def client_data(
         self, partition_id: int, num_partitions: int
