@@ -113,6 +113,7 @@ def test_a_run_through_flower_sends_the_variates_both_ways(tiny_config):
         ({"strategy.name": "fedspine"}, "own local_round"),
         ({"lora.ranks": "4,8"}, "needs one rank"),
         ({"train.optimizer": "adamw"}, "needs train.optimizer=sgd"),
+        ({"privacy.dp": "server-fixed", "train.optimizer": "sgd"}, "outside what Flower's DP"),
     ],
 )
 def test_scaffold_is_refused_where_it_cannot_work(overrides, message):

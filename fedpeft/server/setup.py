@@ -109,6 +109,11 @@ def build_strategy(cfg: RunConfig) -> tuple[FedStrategy, Chain, Chain]:
                 "scaffold.enabled needs one rank for every client (a variate per global "
                 f"tensor), got lora.ranks={cfg.lora.ranks!r}"
             )
+        if cfg.privacy.dp != "none":
+            problems.append(
+                "scaffold.enabled with privacy.dp: the control variates travel beside the "
+                "update, outside what Flower's DP wrapper clips and noises; use one or the other"
+            )
         if cfg.train.optimizer != "sgd":
             problems.append(
                 "scaffold.enabled needs train.optimizer=sgd: its variates (x − y)/(K·lr) "
