@@ -146,14 +146,17 @@ def score(method: str, summary: Mapping[str, Any]) -> float | None:
 
 
 def run(flat: dict[str, Any], out: pathlib.Path) -> dict[str, Any]:
-    """One run (reused when ``out`` holds a complete one); its summary and wall time."""
+    """One run (reused when ``out`` holds a complete run of the same config); its
+    summary and wall time."""
     from fedpeft.flower.inprocess import run_in_process
     from fedpeft.results import outcome_of
 
     summary_file = out / "summary.json"
-    if summary_file.exists():
+    if summary_file.exists() and (out / "config.json").exists():
         summary = json.loads(summary_file.read_text())
-        if outcome_of(summary) == "complete":
+        done = json.loads((out / "config.json").read_text())["config"]
+        same = all(done.get(k) == v for k, v in flat.items() if k != "output.dir")
+        if outcome_of(summary) == "complete" and same:  # only the very same run is reused
             return {"summary": summary, "seconds": None, "reused": True}
     start = time.perf_counter()
     run_in_process({**flat, "output.dir": str(out.resolve())})
