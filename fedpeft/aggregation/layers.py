@@ -6,8 +6,8 @@ A layer sees the round's updates first, may drop or change some, then calls its
 inner aggregator; every other hook (``client_payload``, ``check_update``,
 ``client_failed``, ``upload_shape``) is delegated to the inner one unchanged, so a
 layer composes with any strategy. Stateless layers pass the inner state through
-untouched (a checkpoint is the strategy's own state); a layer with state nests the
-inner one under ``"inner"``. A layer's metrics are prefixed with its name; the
+untouched (a checkpoint is the strategy's own state); a layer with state
+(:class:`StatefulLayer`) nests the inner one under ``"inner"``. A layer's metrics are prefixed with its name; the
 updates it leaves out are reported in ``RoundOutput.rejected`` with their reason and
 the updates the aggregate was made of in ``RoundOutput.updates``.
 
@@ -99,6 +99,33 @@ class Layer(AggregatorBase[Any]):
     ) -> tuple[int, ...]:
         """Delegated."""
         return self.inner.upload_shape(key, shape, tensors, plan)
+
+
+class StatefulLayer(Layer):
+    """A layer with state of its own: its state is ``{"inner": <the inner state>,
+    **own}``, and every delegated hook gets the inner state (``client_failed``'s result
+    is nested again). Override :meth:`own_state` and ``aggregate`` (which must return
+    the nested form)."""
+
+    def own_state(self, global_tensors: TensorDict) -> dict[str, Any]:
+        """The layer's own entries before the first round."""
+        return {}
+
+    def initialize(self, global_tensors: TensorDict) -> dict[str, Any]:
+        """``{"inner": ..., **own_state}``."""
+        return {"inner": self.inner.initialize(global_tensors), **self.own_state(global_tensors)}
+
+    def client_payload(self, state: Any, global_tensors: TensorDict, plan: ClientPlan) -> TensorDict:
+        """Delegated with the inner state."""
+        return self.inner.client_payload(state["inner"], global_tensors, plan)
+
+    def check_update(self, state: Any, tensors: TensorDict, plan: ClientPlan) -> None:
+        """Delegated with the inner state."""
+        self.inner.check_update(state["inner"], tensors, plan)
+
+    def client_failed(self, state: Any, plan: ClientPlan, reason: str) -> Any:
+        """Delegated; the inner state it returns is nested again."""
+        return {**state, "inner": self.inner.client_failed(state["inner"], plan, reason)}
 
 
 class RejectOutliers(Layer):

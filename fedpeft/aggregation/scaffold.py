@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.aggregation.layers import Layer
+from fedpeft.aggregation.layers import StatefulLayer
 from fedpeft.errors import IncompatibleUpdateError
 from fedpeft.types import AUX_PREFIX, ClientPlan, ClientUpdate, RoundOutput, TensorDict
 
@@ -97,7 +97,7 @@ def client_variates(
 
 
 # -- the server half -------------------------------------------------------------------
-class Scaffold(Layer):
+class Scaffold(StatefulLayer):
     """Keeps the server variate ``c``: sends it with each payload, strips every
     upload's ``Δc_i`` before the inner aggregator sees it, and moves ``c`` by
     ``(|S|/N)·mean Δc_i`` over the updates the aggregate was made of.
@@ -113,16 +113,13 @@ class Scaffold(Layer):
         super().__init__(inner)
         self.num_clients = num_clients
 
-    def initialize(self, global_tensors: TensorDict) -> dict[str, Any]:
+    def own_state(self, global_tensors: TensorDict) -> dict[str, Any]:
         """``c = 0`` for every float tensor of the global adapter."""
-        return {
-            "inner": self.inner.initialize(global_tensors),
-            "c": {k: torch.zeros_like(v) for k, v in global_tensors.items() if v.is_floating_point()},
-        }
+        return {"c": {k: torch.zeros_like(v) for k, v in global_tensors.items() if v.is_floating_point()}}
 
     def client_payload(self, state: Any, global_tensors: TensorDict, plan: ClientPlan) -> TensorDict:
         """The inner payload and ``c`` for the keys in it whose shape matches."""
-        payload = self.inner.client_payload(state["inner"], global_tensors, plan)
+        payload = super().client_payload(state, global_tensors, plan)
         extra = {
             f"{SERVER}{k}": state["c"][k]
             for k, v in payload.items()
@@ -140,11 +137,7 @@ class Scaffold(Layer):
                     f"scaffold: {UPLOAD}{key} has shape {tuple(value.shape)}, expected "
                     f"{None if want is None else tuple(want.shape)}"
                 )
-        self.inner.check_update(state["inner"], rest, plan)
-
-    def client_failed(self, state: Any, plan: ClientPlan, reason: str) -> Any:
-        """Delegated; the inner state it returns is nested again."""
-        return {**state, "inner": self.inner.client_failed(state["inner"], plan, reason)}
+        super().check_update(state, rest, plan)
 
     def upload_shape(
         self, key: str, shape: tuple[int, ...], tensors: TensorDict, plan: ClientPlan

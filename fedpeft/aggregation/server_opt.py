@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-from fedpeft.aggregation.layers import Layer
+from fedpeft.aggregation.layers import StatefulLayer
 from fedpeft.config import ServerOptConfig
-from fedpeft.types import ClientPlan, ClientUpdate, RoundOutput, TensorDict
+from fedpeft.types import ClientUpdate, RoundOutput, TensorDict
 
 DEFAULT_LR: dict[str, float] = {"avgm": 1.0, "adam": 0.1, "yogi": 0.01, "adagrad": 0.1}
 """``server-opt.lr = 0`` means these: Hsu et al.'s server rate 1 for FedAvgM, Flower
@@ -56,11 +56,7 @@ def rate(settings: ServerOptConfig) -> float:
     return settings.lr if settings.lr > 0 else DEFAULT_LR[settings.name]
 
 
-def _is_float(t: torch.Tensor) -> bool:
-    return t.is_floating_point()
-
-
-class ServerOptimizer(Layer):
+class ServerOptimizer(StatefulLayer):
     """The inner aggregate as the target of one optimizer step from the current global.
 
     Args:
@@ -75,22 +71,9 @@ class ServerOptimizer(Layer):
         super().__init__(inner)
         self.settings = settings
 
-    # the layer's own state wraps the inner one: unwrap it for every delegated hook
-    def initialize(self, global_tensors: TensorDict) -> dict[str, Any]:
-        """``{"inner": ..., "m": {}, "v": {}}`` (moments are created on first use)."""
-        return {"inner": self.inner.initialize(global_tensors), "m": {}, "v": {}}
-
-    def client_payload(self, state: Any, global_tensors: TensorDict, plan: ClientPlan) -> TensorDict:
-        """Delegated with the inner state."""
-        return self.inner.client_payload(state["inner"], global_tensors, plan)
-
-    def check_update(self, state: Any, tensors: TensorDict, plan: ClientPlan) -> None:
-        """Delegated with the inner state."""
-        self.inner.check_update(state["inner"], tensors, plan)
-
-    def client_failed(self, state: Any, plan: ClientPlan, reason: str) -> Any:
-        """Delegated; the inner state it returns is nested again."""
-        return {**state, "inner": self.inner.client_failed(state["inner"], plan, reason)}
+    def own_state(self, global_tensors: TensorDict) -> dict[str, Any]:
+        """``{"m": {}, "v": {}}`` (moments are created on first use)."""
+        return {"m": {}, "v": {}}
 
     def aggregate(
         self, state: Any, global_tensors: TensorDict, updates: Sequence[ClientUpdate], server_round: int
@@ -103,7 +86,7 @@ class ServerOptimizer(Layer):
         grad2 = step2 = 0.0
         for key, target in out.tensors.items():
             x = global_tensors.get(key)
-            if x is None or not _is_float(target) or x.shape != target.shape:
+            if x is None or not target.is_floating_point() or x.shape != target.shape:
                 continue  # a key the optimizer cannot follow (new, integer, resized)
             x64 = x.to(torch.float64)
             delta = target.to(torch.float64) - x64  # Δ = x̄ − x, shape of x
