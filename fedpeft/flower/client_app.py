@@ -47,6 +47,13 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", 1))
 
 
+def _client_state(context: Context) -> dict[str, Any]:
+    """The strategy's client state kept in ``Context.state`` (``{}`` at first)."""
+    if rec.CLIENT_STATE not in context.state:
+        return {}
+    return rec.record_to_tensors(context.state[rec.CLIENT_STATE])
+
+
 def handle_hello(msg: Message, context: Context, bound: Mapping[str, Any]) -> Message:
     """Report partition id, partition count and the node config's scalars."""
     pid, num = _partition(context)
@@ -74,11 +81,7 @@ def handle_train(msg: Message, context: Context, bound: Mapping[str, Any]) -> Me
     ckpt = config.get(rec.CLIENT_CHECKPOINT_DIR)
     if ckpt and rec.CLIENT_STATE not in context.state:
         _restore_client_state(context, str(ckpt), plan.partition_id, server_round)
-    state = (
-        rec.record_to_tensors(context.state[rec.CLIENT_STATE])
-        if rec.CLIENT_STATE in context.state
-        else {}
-    )
+    state = _client_state(context)
     codec_state = (
         rec.record_to_arrays(context.state[rec.CODEC_STATE])
         if rec.CODEC_STATE in context.state
@@ -129,11 +132,7 @@ def handle_evaluate(msg: Message, context: Context, bound: Mapping[str, Any]) ->
     """Evaluate the received global adapter on the local held-out split."""
     cfg = _config(context, bound)
     plan = rec.config_to_plan(msg.content[rec.CONFIG], context.node_id)
-    state = (
-        rec.record_to_tensors(context.state[rec.CLIENT_STATE])
-        if rec.CLIENT_STATE in context.state
-        else {}
-    )
+    state = _client_state(context)
     received = rec.record_to_tensors(msg.content[rec.ARRAYS])
     metrics = evaluate_client(cfg, plan, _partition(context), received, state)
     return Message(RecordDict({rec.METRICS: rec.metrics_record(metrics)}), reply_to=msg)
