@@ -171,6 +171,23 @@ def outcome_of(summary: Mapping[str, Any]) -> str:
     return ""
 
 
+def completed_run(directory: pathlib.Path, flat: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``summary.json`` of ``directory`` when it holds a complete run (``outcome``
+    ``complete``) of exactly ``flat``'s resolved config (``output.dir`` aside), else
+    ``None``: what a sweep may reuse instead of running again."""
+    from fedpeft.config import parse_run_config
+
+    summary_file, config_file = directory / "summary.json", directory / "config.json"
+    if not (summary_file.is_file() and config_file.is_file()):
+        return None
+    summary = json.loads(summary_file.read_text())
+    done = dict(json.loads(config_file.read_text()).get("config", {}))
+    want = parse_run_config(flat).to_flat()
+    done.pop("output.dir", None)
+    want.pop("output.dir", None)
+    return summary if outcome_of(summary) == "complete" and done == want else None
+
+
 def atomic_write(path: pathlib.Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same dir + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -149,18 +149,14 @@ def run(flat: dict[str, Any], out: pathlib.Path) -> dict[str, Any]:
     """One run (reused when ``out`` holds a complete run of the same config); its
     summary and wall time."""
     from fedpeft.flower.inprocess import run_in_process
-    from fedpeft.results import outcome_of
+    from fedpeft.results import completed_run
 
-    summary_file = out / "summary.json"
-    if summary_file.exists() and (out / "config.json").exists():
-        summary = json.loads(summary_file.read_text())
-        done = json.loads((out / "config.json").read_text())["config"]
-        same = all(done.get(k) == v for k, v in flat.items() if k != "output.dir")
-        if outcome_of(summary) == "complete" and same:  # only the very same run is reused
-            return {"summary": summary, "seconds": None, "reused": True}
+    done = completed_run(out, flat)
+    if done is not None:
+        return {"summary": done, "seconds": None, "reused": True}
     start = time.perf_counter()
     run_in_process({**flat, "output.dir": str(out.resolve())})
-    summary = json.loads(summary_file.read_text())
+    summary = json.loads((out / "summary.json").read_text())
     return {"summary": summary, "seconds": time.perf_counter() - start, "reused": False}
 
 

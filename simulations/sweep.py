@@ -72,6 +72,7 @@ def main() -> None:
     from fedpeft.config import parse_overrides
     from fedpeft.flower.inprocess import run_in_process
     from fedpeft.report import compare, render_terminal_table
+    from fedpeft.results import completed_run
 
     base, variants, seeds = load_preset(args.preset)
     if args.only:
@@ -87,7 +88,7 @@ def main() -> None:
             out = args.out / f"{label}-seed{seed}"
             flat = {**base, **overrides, **extra, "seed": seed, "output.dir": str(out.resolve())}
             start = time.perf_counter()
-            if (out / "summary.json").exists() and "stopped" not in json.loads((out / "summary.json").read_text()):
+            if completed_run(out, flat) is not None:  # the very same run, complete
                 print(f"{label} seed {seed}: already done, reusing {out}")
             else:
                 results = run_in_process(flat)

@@ -30,3 +30,20 @@ def test_check_passes_and_fails(capsys):
     out = capsys.readouterr().out
     assert "PASS a: accuracy 0.5020" in out and "FAIL b: loss 1.3000" in out
     assert sweep.check({"a": expect["a"]}, finals) is True
+
+
+def test_only_a_complete_run_of_the_very_same_config_is_reused(tmp_path):
+    from fedpeft.results import RunResults, completed_run, write_config
+
+    flat = {"model.name": "tiny-bert", "train.lr": 5e-4, "seed": 1, "output.dir": str(tmp_path)}
+    cfg = parse_run_config(flat)
+    write_config(tmp_path, cfg.to_flat(), cfg.seed)
+    results = RunResults(tmp_path, strategy="fedit", task="classification")
+    results.add_round({"round": 0, "uplink_bytes": 0, "downlink_bytes": 0, "seconds": 0.0})
+    assert completed_run(tmp_path, flat) is None  # no outcome yet: killed or still running
+    results.extra["outcome"] = "complete"
+    results.write()
+    assert completed_run(tmp_path, flat)["strategy"] == "fedit"
+    assert completed_run(tmp_path, {**flat, "train.lr": "0.0005"}) is not None  # same value, as text
+    assert completed_run(tmp_path, {**flat, "train.lr": 1e-3}) is None
+    assert completed_run(tmp_path / "missing", flat) is None
