@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from fedpeft.aggregation.layers import stack
+from fedpeft.aggregation.mean import client_weights
 from fedpeft.checkpoint import client_state_problem
 from fedpeft.codecs import CodecContext
 from fedpeft.codecs.base import Chain, CodecState, Payload
@@ -569,10 +570,10 @@ class RoundEngine:
                 old = old_global.get(key)
                 shift[base_delta_module(key)] = value - old if old is not None else value
         # the ideal mean Σ p_k s B_k A_k under the run's weighting
-        equal = self.cfg.aggregation.weighting == "equal"
-        counts = [1.0 if equal else float(u.num_examples) for u in updates]
-        total = sum(counts)
-        weights = [(c / total) if total > 0 else 1.0 / len(updates) for c in counts]
+        if self.cfg.aggregation.weighting == "equal":
+            weights = [1.0 / len(updates)] * len(updates)
+        else:
+            weights = client_weights(updates)
         err = aggregation_error(factors, weights, global_factors, shift or None)
         return {
             "aggregation_error": err["relative"],
