@@ -19,7 +19,7 @@ from fedpeft import (
     WeightedMean,
     client_weights,
 )
-from fedpeft.lora import AdapterLayout, LoraFactors, pad_rank, split_adapter, work_dtype
+from fedpeft.lora import AdapterLayout, LoraFactors, split_adapter, work_dtype
 from fedpeft.lora.peft_io import factor_keys
 from strategies.lora_fair.config import _CHUNK_BYTES, _FRO, MAX_SWEEPS, LoraFairConfig
 from strategies.lora_fair.solver import (
@@ -123,7 +123,7 @@ class LoraFairAggregator(Layer):
                     f"lora-fair: the update of node {u.node_id} is not at the global rank; "
                     "mixed ranks need the PadToRank layer (lora_fair.build adds it)"
                 )
-            clients.append({m: pad_rank(factors[m], g.rank, g.scaling) for m, g in gfactors.items()})
+            clients.append({m: factors[m] for m in gfactors})  # at the global rank and scaling
         new = dict(mean.tensors)
         kept = [i for i, w in enumerate(weights) if w != 0.0]
         totals = _Totals()
