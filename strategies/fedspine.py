@@ -7,9 +7,12 @@ exists; everything beyond the abstract-level description is the specification's
 
 * **Plan** (:class:`~fedpeft.selection.sucb.FedSpineSelector`): uniform sampling; one
   S-UCB bandit per device (partition id) picks ``(p_i, r_i)`` — the fraction of the
-  device's *remaining* heads/channels to prune this round and its LoRA rank.
+  device's *remaining* heads/channels to prune this round and its LoRA rank — and,
+  with ``fedspine.sparsities`` (issue 18, ``[PROPOSAL]``, off by default), the
+  device's final sparsity ``s_i`` from those candidates.
   ``fedspine.fixed-rank`` / ``fedspine.fixed-prune-ratio`` collapse the arm space to
-  one point (the fixed-allocation baselines).
+  one point (the fixed-allocation baselines; ``fedspine.target-sparsity`` caps their
+  final sparsity, e.g. 0.2).
 * **Client** (:class:`FedSpineClient`, the ``local_round`` hook): a copy of the cached
   model is pruned physically to the device's kept heads / FFN channels
   (:func:`fedpeft.pruning.bert.prune_bert_`, masks in ``Context.state``), then trained
@@ -17,7 +20,8 @@ exists; everything beyond the abstract-level description is the specification's
   ``S = |G ⊙ (W0 + sBA)|`` (per head / channel, L2-normalised per layer) updates an
   EMA ``I ← β I + (1 − β) S``, and every ``prune-interval`` steps (and at the last
   step) the lowest-importance structures go so that the sparsity follows a cubic ramp
-  from ``s_prev`` to ``s_goal = min(s*, s_prev + p_i (1 − s_prev))``. The first
+  from ``s_prev`` to ``s_goal = min(s*, s_prev + p_i (1 − s_prev))`` (``s*`` = the
+  plan's ``target-sparsity``: the chosen candidate, else ``s*``). The first
   ``⌊protect-first · L⌋`` layers and the last are never pruned; a layer keeps at least
   one head and one channel. FFN channels are pruned only when the FFN carries LoRA
   (``lora.target-modules`` with ``intermediate.dense``/``output.dense``): without LoRA
@@ -27,16 +31,19 @@ exists; everything beyond the abstract-level description is the specification's
   ``aux.fedspine.channels`` ``(L, d_ff)`` (int8), and the reward inputs
   ``loss-before``/``loss-after`` (a fixed local probe batch), ``sparsity`` (mean of
   head and channel sparsity over unprotected layers) and ``update-norm``
-  ``‖M ⊙ (s B A − s B₀ A₀)‖_F``.
+  ``‖M ⊙ (s B A − s B₀ A₀)‖_F``; with candidate sparsities also ``at-target`` (1 when
+  nothing is left to prune for the plan's target, exact at any structure count).
 * **Aggregate** (:class:`FedSpineAggregator`, §11.3): per layer, scatter each client
   into full coordinates, mask-aware weighted mean
   ``ΔW = Σ p_i M_i P_i / Σ p_i M_i`` (entries nobody kept: previous global), global
   factors = the rank-``r_max`` SVD truncation of ``ΔW``. Client ``i``'s next payload
   is the best rank-``r_i`` approximation of ``ΔW`` restricted to its kept rows and
   columns (zeros elsewhere); the aggregator remembers each device's last masks.
-* **Reward** (§11.4): ``0.25`` each of loss improvement, pruning progress, relative
-  update norm and ``1 − T_i / max T`` where ``T_i`` is the device's simulated round
-  time under ``devices.profile`` (measured time otherwise).
+* **Reward** (§11.4, :func:`~fedpeft.selection.sucb.fedspine_reward_terms`): ``0.25``
+  each of loss improvement, pruning progress (towards the round's target; a reached
+  chosen candidate scores 1), relative update norm and ``1 − T_i / max T`` where
+  ``T_i`` is the device's simulated round time under ``devices.profile`` (measured
+  time otherwise).
 
 **Wire.** Up ``Σ_ℓ r_i (m_i' + n_i')·4`` bytes + the masks ``L(H + d_ff)`` bytes;
 down ``Σ_ℓ r_i (m + n)·4`` (full coordinates, zeros at pruned ones — a choice of this
@@ -97,7 +104,7 @@ from fedpeft.pruning.bert import (
     structure_counts,
     structure_scores,
 )
-from fedpeft.selection.sucb import FedSpineSelector, SucbConfig
+from fedpeft.selection.sucb import AT_TARGET_KEY, FedSpineSelector, SucbConfig
 
 log = logging.getLogger("fedpeft")
 
@@ -141,8 +148,30 @@ class FedSpineConfig:
     logs it once, so with the default ``lora.r = 8`` the bandit chooses from
     ``2,4,8``. Set ``lora.r = 32`` for the whole set.
 
+    ``sparsities`` (issue 18; ``[PROPOSAL]`` of this implementation, not in the
+    paper's text or the specification) lets each device's bandit choose its final
+    sparsity among candidates, as a third S-UCB coordinate next to the pruning ratio
+    and the rank. Why: with one ``s*`` every device ends at ``s*`` (the paper
+    evaluates at one fixed sparsity, 50 % for RoBERTa), and the pruning-progress
+    term rewards only arms that keep pruning towards it, so a device for which
+    little pruning is best cannot express it. Pruning is irreversible, so the
+    chosen candidate acts as a cap for the round: a candidate at or below the
+    device's sparsity prunes nothing, and the progress term is measured towards
+    the chosen candidate (reaching or standing at it scores 1). The default (empty)
+    leaves the arm space, the tree, the plans and the reward exactly as before: no
+    third coordinate is created, every plan carries ``target_sparsity`` and the
+    progress formula is the specification's (a test replays a recorded decision
+    sequence of the previous code).
+
     Attributes:
-        target_sparsity: ``s*``, the final head/channel sparsity of every device.
+        target_sparsity: ``s*``, the final head/channel sparsity of every device
+            (without ``sparsities``); with ``fixed-prune-ratio`` it caps a fixed
+            allocation (e.g. ``0.2``).
+        sparsities: candidate final sparsities for the bandit, comma-separated,
+            distinct, each in ``[0, 1)`` (e.g. ``"0.1,0.2,0.3,0.5"``); empty: the
+            single ``target_sparsity`` (default, the specification). Replaces
+            ``target_sparsity`` when set; one value is a fixed target with the
+            candidates' reward (progress 1 once reached).
         prune_interval: local steps between pruning steps (20 was best in the paper).
         ranks: the ranks the bandit may choose, comma-separated; those above
             ``lora.r`` are dropped at build time (logged; an error if none is left).
@@ -164,6 +193,7 @@ class FedSpineConfig:
     """
 
     target_sparsity: float = 0.5
+    sparsities: str = ""
     prune_interval: int = 20
     ranks: str = "2,4,8,16,32"
     p_min: float = 0.0
@@ -200,7 +230,19 @@ class FedSpineConfig:
             out.append(f"fedspine.ema-beta must be in [0, 1), got {self.ema_beta}")
         if len(_floats(self.reward_weights, "fedspine.reward-weights")) != 4:
             out.append(f"fedspine.reward-weights must be 4 numbers, got {self.reward_weights!r}")
+        choices = _sparsity_choices(self.sparsities)
+        valid = choices is not None and len(set(choices)) == len(choices)
+        if not valid or any(not 0.0 <= s < 1.0 for s in choices or ()):
+            out.append(
+                "fedspine.sparsities must be '' (one target: fedspine.target-sparsity) or "
+                "distinct comma-separated final sparsities in [0, 1), e.g. "
+                f"'0.1,0.2,0.3,0.5'; got {self.sparsities!r}"
+            )
         return out
+
+    def sparsity_choices(self) -> tuple[float, ...]:
+        """The candidate final sparsities, increasing (empty: the single target)."""
+        return tuple(sorted(_sparsity_choices(self.sparsities) or ()))
 
     def rank_choices(self) -> tuple[int, ...]:
         """The ranks the bandit chooses from (one with ``fixed-rank``)."""
@@ -225,7 +267,17 @@ class FedSpineConfig:
             p_min=p_min,
             p_max=p_max,
             ranks=ranks,
+            sparsities=self.sparsity_choices(),
         )
+
+
+def _sparsity_choices(text: str) -> tuple[float, ...] | None:
+    """``fedspine.sparsities`` as numbers; ``None`` if it is malformed."""
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        return None
+    return values if all(math.isfinite(v) for v in values) else None
 
 
 # -- masks -------------------------------------------------------------------------
@@ -518,6 +570,12 @@ class FedSpineClient(ClientAlgorithmBase):
             values = [structure_sparsity(keep[k], protected) for k in kinds]
             return sum(values) / len(values)
 
+        def left_to_prune(kind: str, s: float) -> int:
+            """Structures of ``kind`` still to remove for sparsity ``s`` (``⌊s·N⌋``)."""
+            n_orig = sum(c for i, c in counts[kind].items() if i not in protected)
+            n_kept = sum(int(keep[kind][i].sum()) for i in counts[kind] if i not in protected)
+            return num_to_prune(s, n_orig, n_kept)
+
         s_prev = sparsity()
         ratio = float(plan.options.get("prune-ratio", 0.0))
         s_target = float(plan.options.get("target-sparsity", cfg.target_sparsity))
@@ -558,9 +616,7 @@ class FedSpineClient(ClientAlgorithmBase):
                 return
             s_now = cubic_sparsity(step, total, s_prev, s_goal)
             for kind in kinds:
-                n_orig = sum(c for i, c in counts[kind].items() if i not in protected)
-                n_kept = sum(int(keep[kind][i].sum()) for i in counts[kind] if i not in protected)
-                remove = num_to_prune(s_now, n_orig, n_kept)
+                remove = left_to_prune(kind, s_now)
                 if remove <= 0:
                     continue
                 current = select_prune_count(ema[kind], remove, protected, min_keep=1)
@@ -603,6 +659,8 @@ class FedSpineClient(ClientAlgorithmBase):
             "channel-sparsity": structure_sparsity(keep["channels"], protected),
             "update-norm": math.sqrt(norm_sq),
         }
+        if cfg.sparsity_choices():  # the selector's "stands at its chosen target"
+            metrics[AT_TARGET_KEY] = float(all(left_to_prune(k, s_target) <= 0 for k in kinds))
         new_state = {
             STATE_HEADS: heads,
             STATE_CHANNELS: channels,

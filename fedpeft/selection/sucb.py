@@ -4,10 +4,14 @@ Paper: Yao, Xu, Xu, Liao, Xie, "Efficient Deployment of Large Language Models on
 Resource-constrained Devices" (FedSpine), arXiv 2501.02438. The paper's S-UCB (Smooth
 Upper Confidence Bound) is only known from summaries; what is implemented here is the
 specification's ``[PROPOSAL]``: hierarchical optimistic optimisation (HOO, Bubeck et
-al., JMLR 2011) with a smoothness bonus over the arm space ``x = (p̂, r̂) ∈ [0, 1]²``.
+al., JMLR 2011) with a smoothness bonus over the arm space ``x = (p̂, r̂) ∈ [0, 1]²``
+— or ``x = (p̂, r̂, ŝ) ∈ [0, 1]³`` when ``SucbConfig.sparsities`` offers two or more
+candidate final sparsities (issue 18; ``[PROPOSAL]`` of this implementation, off by
+default).
 
-A tree of axis-aligned cells partitions ``[0, 1]²``. Each cell ``C`` keeps a count
-``n_C``, a mean reward ``μ_C`` and its depth ``h_C``, and gets the index::
+A tree of axis-aligned cells partitions ``[0, 1]²`` (``[0, 1]³``). Each cell ``C``
+keeps a count ``n_C``, a mean reward ``μ_C`` and its depth ``h_C``, and gets the
+index::
 
     U_C = μ_C + c · sqrt(2 ln t / n_C) + ν · ρ^{h_C}      (+∞ if never played)
     B_C = U_C                                           for a leaf
@@ -15,7 +19,8 @@ A tree of axis-aligned cells partitions ``[0, 1]²``. Each cell ``C`` keeps a co
 
 ``select`` descends from the root to the child with the larger ``B`` and plays the
 leaf's centre (or a uniform point in it); ``update`` adds the reward to every cell on
-the path and splits the leaf in half along its longer side once it has been played
+the path and splits the leaf in half along its longer side (ties: ``p̂``; ``ŝ`` is
+never split by play, see below) once it has been played
 ``n_split · 2^{h_C}`` times. With ``discount γ < 1`` every cell's count and reward sum
 (and ``t``) are multiplied by ``γ`` before each update, which tracks a drifting reward
 (the model changes between rounds); the split rule uses undiscounted visits.
@@ -23,8 +28,18 @@ the path and splits the leaf in half along its longer side once it has been play
 The played point maps to a pruning ratio ``p = p_min + p̂ (p_max − p_min)`` and a
 LoRA rank: with ``rank_map="value"`` the rank nearest to
 ``r_min + r̂ (r_max − r_min)``, with ``"index"`` the ``round(r̂ (K − 1))``-th of the
-``K`` allowed ranks. Once a device has reached the target sparsity its pruning
-coordinate is frozen: only cells touching ``p̂ = 0`` are eligible and ``p = 0``.
+``K`` allowed ranks. With ``M ≥ 2`` candidate final sparsities ``ŝ`` picks the
+``min(⌊ŝ M⌋, M − 1)``-th of them (an equal share of the axis each; with one candidate
+it is always that one and there is no third coordinate). The ``ŝ`` axis is cut into
+the ``M`` shares when the tree is created (a balanced binary subtree whose cells
+have depth 0 and whose ``B`` is the larger child's, uncapped by its own ``U``), so
+each candidate roots its own ``(p̂, r̂)`` tree that splits and earns its smoothness
+bonus as a fresh 2-D tree would: every candidate is tried once in the first ``M``
+plays, then they compete by their ``B`` values. Halving ``ŝ``
+during play instead would reach the first cut only after ~10 plays and the outer
+candidates after ~40, beyond a 20-round horizon. Once a device has reached its
+largest possible target its pruning coordinate is frozen: only cells touching
+``p̂ = 0`` are eligible and ``p = 0``.
 
 The bandit is pure: its state is a JSON-serialisable dict of lists and scalars,
 passed in and returned (``sucb_init`` / ``sucb_select`` / ``sucb_update``).
@@ -46,7 +61,8 @@ from fedpeft.selection.uniform import UniformSelector
 from fedpeft.types import ClientPlan, ClientUpdate, NodeInfo, RoundOutput, Scalar
 
 SucbState = dict[str, Any]
-"""The bandit state: ``{"t", "pulls", "prune_frozen", "cells": {name: list}}``."""
+"""The bandit state: ``{"t", "pulls", "prune_frozen", "cells": {name: list}}``; the
+cells carry ``s_lo``/``s_hi`` only in a three-coordinate tree."""
 
 _CELL_FIELDS = (
     "p_lo",
@@ -61,9 +77,14 @@ _CELL_FIELDS = (
     "total",
     "visits",
 )
+_SPARSITY_FIELDS = ("s_lo", "s_hi")
 
 METRIC_KEYS = ("loss-before", "loss-after", "sparsity", "client-seconds", "update-norm")
 """Client metrics ``FedSpineSelector.feedback`` needs from every update."""
+AT_TARGET_KEY = "at-target"
+"""Optional client metric: 1 when nothing is left to prune for the plan's target
+sparsity (exact at any structure count, where ``sparsity >= target`` can miss by the
+rounding ``⌊s·N⌋``); used with candidate sparsities only."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +109,11 @@ class SucbConfig:
         p_min: pruning ratio at ``p̂ = 0`` (fraction of the remaining structures).
         p_max: pruning ratio at ``p̂ = 1``.
         ranks: allowed LoRA ranks, increasing.
+        sparsities: candidate final sparsities, increasing, each in ``[0, 1)``
+            (``[PROPOSAL]``, issue 18). Empty (default): no sparsity coordinate, the
+            selector's single ``target_sparsity`` holds (the specification). Two or
+            more: a third tree coordinate ``ŝ`` chooses one per round. One: that
+            target, no third coordinate.
         rank_map: ``"value"`` (nearest rank to the linear map onto
             ``[min(ranks), max(ranks)]``) or ``"index"`` (equal share per rank).
         play: ``"centre"`` plays the leaf centre, ``"uniform"`` a seeded uniform
@@ -103,6 +129,7 @@ class SucbConfig:
     p_min: float = 0.0
     p_max: float = 0.3
     ranks: tuple[int, ...] = (2, 4, 8, 16, 32)
+    sparsities: tuple[float, ...] = ()
     rank_map: Literal["value", "index"] = "value"
     play: Literal["centre", "uniform"] = "centre"
     max_depth: int = 24
@@ -134,6 +161,13 @@ class SucbConfig:
                 f"sucb.ranks must be distinct positive integers in increasing order, "
                 f"got {self.ranks}"
             )
+        if any(not 0.0 <= s < 1.0 for s in self.sparsities) or list(
+            self.sparsities
+        ) != sorted(set(self.sparsities)):
+            problems.append(
+                f"sucb.sparsities must be distinct numbers in [0, 1) in increasing "
+                f"order, got {self.sparsities}"
+            )
         if self.rank_map not in ("value", "index"):
             problems.append(
                 f"sucb.rank-map must be 'value' or 'index', got {self.rank_map!r}"
@@ -147,6 +181,11 @@ class SucbConfig:
         if problems:
             raise ConfigError(problems)
 
+    @property
+    def dims(self) -> int:
+        """Coordinates of the arm space: 3 with two or more candidate sparsities."""
+        return 3 if len(self.sparsities) > 1 else 2
+
 
 @dataclass(frozen=True)
 class SucbArm:
@@ -154,21 +193,28 @@ class SucbArm:
 
     Attributes:
         leaf: index of the played cell; pass it to :func:`sucb_update`.
-        x: the played point ``(p̂, r̂)`` in ``[0, 1]²``.
+        x: the played point ``(p̂, r̂)`` in ``[0, 1]²`` (``(p̂, r̂, ŝ)`` in a
+            three-coordinate tree).
         prune_ratio: ``p``, fraction of the remaining structures to prune this round.
         rank: the LoRA rank.
+        sparsity: the chosen final sparsity; ``None`` without candidates (the
+            selector's single target applies).
     """
 
     leaf: int
-    x: tuple[float, float]
+    x: tuple[float, ...]
     prune_ratio: float
     rank: int
+    sparsity: float | None = None
 
 
 def sucb_init(config: SucbConfig) -> SucbState:
-    """A bandit whose tree is the single root cell ``[0, 1]²``."""
-    cells: dict[str, list[Any]] = {name: [] for name in _CELL_FIELDS}
-    _append_cell(cells, (0.0, 1.0, 0.0, 1.0), depth=0, parent=-1)
+    """A bandit whose tree is the single root cell ``[0, 1]²`` (``[0, 1]³``)."""
+    fields = _CELL_FIELDS + (_SPARSITY_FIELDS if config.dims == 3 else ())
+    cells: dict[str, list[Any]] = {name: [] for name in fields}
+    _append_cell(cells, (0.0, 1.0) * config.dims, depth=0, parent=-1)
+    if config.dims == 3:
+        _cut_sparsity_axis(cells, 0, 0, len(config.sparsities), len(config.sparsities))
     return {"t": 0.0, "pulls": 0, "prune_frozen": False, "cells": cells}
 
 
@@ -191,9 +237,20 @@ def sucb_map(
     return ratio, rank
 
 
+def sucb_sparsity(config: SucbConfig, x: Sequence[float]) -> float | None:
+    """The candidate final sparsity of a point: the ``min(⌊ŝ M⌋, M − 1)``-th of the
+    ``M`` candidates (``ŝ = x[2]``); the only one if ``M = 1``; ``None`` if ``M = 0``."""
+    choices = config.sparsities
+    if not choices:
+        return None
+    if len(choices) == 1:
+        return choices[0]
+    return choices[min(len(choices) - 1, int(math.floor(float(x[2]) * len(choices))))]
+
+
 def sucb_select(
     state: SucbState, config: SucbConfig, rng_seed: int
-) -> tuple[SucbState, SucbArm, tuple[float, float]]:
+) -> tuple[SucbState, SucbArm, tuple[float, ...]]:
     """Choose the next arm; the state is returned unchanged (selection does not learn).
 
     Args:
@@ -203,7 +260,7 @@ def sucb_select(
             ``play="uniform"``, the point drawn in the leaf.
 
     Returns:
-        ``(state, arm, x)`` with ``x = arm.x``.
+        ``(state, arm, x)`` with ``x = arm.x`` (two or three coordinates).
     """
     rng = random.Random(rng_seed)
     cells = state["cells"]
@@ -217,16 +274,19 @@ def sucb_select(
             node = left if rng.random() < 0.5 else right
         else:
             node = left if b_left > b_right else right
-    p_lo, p_hi = cells["p_lo"][node], cells["p_hi"][node]
-    r_lo, r_hi = cells["r_lo"][node], cells["r_hi"][node]
+    box = _box(cells, node)  # (lo, hi) per coordinate: p̂, r̂[, ŝ]
     if config.play == "uniform":
-        x = (p_lo + rng.random() * (p_hi - p_lo), r_lo + rng.random() * (r_hi - r_lo))
+        x = tuple(lo + rng.random() * (hi - lo) for lo, hi in box[:2])
     else:
-        x = (0.5 * (p_lo + p_hi), 0.5 * (r_lo + r_hi))
+        x = tuple(0.5 * (lo + hi) for lo, hi in box[:2])
+    x += tuple(0.5 * (lo + hi) for lo, hi in box[2:])  # ŝ: one candidate per cell
     if frozen:
-        x = (0.0, x[1])
+        x = (0.0, *x[1:])
     ratio, rank = sucb_map(config, x, frozen)
-    return state, SucbArm(leaf=node, x=x, prune_ratio=ratio, rank=rank), x
+    arm = SucbArm(
+        leaf=node, x=x, prune_ratio=ratio, rank=rank, sparsity=sucb_sparsity(config, x)
+    )
+    return state, arm, x
 
 
 def sucb_update(
@@ -279,23 +339,35 @@ def sucb_freeze_pruning(state: SucbState) -> SucbState:
     return {**state, "prune_frozen": True}
 
 
-def sucb_leaves(state: SucbState) -> list[tuple[float, float, float, float]]:
-    """The leaves as ``(p_lo, p_hi, r_lo, r_hi)``; they partition ``[0, 1]²``."""
+def sucb_leaves(state: SucbState) -> list[tuple[float, ...]]:
+    """The leaves as ``(p_lo, p_hi, r_lo, r_hi)`` (``+ (s_lo, s_hi)`` in a
+    three-coordinate tree); they partition ``[0, 1]²`` (``[0, 1]³``)."""
     cells = state["cells"]
     return [
-        (cells["p_lo"][i], cells["p_hi"][i], cells["r_lo"][i], cells["r_hi"][i])
+        tuple(v for side in _box(cells, i) for v in side)
         for i in range(len(cells["depth"]))
         if cells["left"][i] < 0
     ]
 
 
+def _bound_names(cells: Mapping[str, list[Any]]) -> tuple[tuple[str, str], ...]:
+    """``(lo, hi)`` field names per coordinate: ``p̂``, ``r̂`` and, if present, ``ŝ``."""
+    names = (("p_lo", "p_hi"), ("r_lo", "r_hi"))
+    return (*names, ("s_lo", "s_hi")) if "s_lo" in cells else names
+
+
+def _box(cells: Mapping[str, list[Any]], i: int) -> tuple[tuple[float, float], ...]:
+    return tuple((cells[lo][i], cells[hi][i]) for lo, hi in _bound_names(cells))
+
+
 def _append_cell(
     cells: dict[str, list[Any]],
-    box: tuple[float, float, float, float],
+    box: tuple[float, ...],
     depth: int,
     parent: int,
 ) -> int:
-    for name, value in zip(("p_lo", "p_hi", "r_lo", "r_hi"), box, strict=True):
+    names = [name for pair in _bound_names(cells) for name in pair]
+    for name, value in zip(names, box, strict=True):
         cells[name].append(value)
     cells["depth"].append(depth)
     cells["parent"].append(parent)
@@ -308,24 +380,51 @@ def _append_cell(
 
 
 def _split(cells: dict[str, list[Any]], leaf: int) -> None:
-    """Halve ``leaf`` along its longer side (ties: the pruning side)."""
-    p_lo, p_hi = cells["p_lo"][leaf], cells["p_hi"][leaf]
-    r_lo, r_hi = cells["r_lo"][leaf], cells["r_hi"][leaf]
-    depth = cells["depth"][leaf] + 1
-    if p_hi - p_lo >= r_hi - r_lo:
-        mid = 0.5 * (p_lo + p_hi)
-        boxes = ((p_lo, mid, r_lo, r_hi), (mid, p_hi, r_lo, r_hi))
-    else:
-        mid = 0.5 * (r_lo + r_hi)
-        boxes = ((p_lo, p_hi, r_lo, mid), (p_lo, p_hi, mid, r_hi))
-    cells["left"][leaf] = _append_cell(cells, boxes[0], depth, leaf)
-    cells["right"][leaf] = _append_cell(cells, boxes[1], depth, leaf)
+    """Halve ``leaf`` along its longer ``p̂``/``r̂`` side (ties: ``p̂``)."""
+    p_len = cells["p_hi"][leaf] - cells["p_lo"][leaf]
+    r_len = cells["r_hi"][leaf] - cells["r_lo"][leaf]
+    axis = 0 if p_len >= r_len else 1
+    lo, hi = _box(cells, leaf)[axis]
+    _halve(cells, leaf, axis, 0.5 * (lo + hi), cells["depth"][leaf] + 1)
+
+
+def _halve(
+    cells: dict[str, list[Any]], leaf: int, axis: int, cut: float, depth: int
+) -> None:
+    """Give ``leaf`` two children, cut at ``cut`` along ``axis``, at ``depth``."""
+    box = _box(cells, leaf)
+    lo, hi = box[axis]
+    halves = []
+    for part in ((lo, cut), (cut, hi)):
+        sides = list(box)
+        sides[axis] = part
+        halves.append(tuple(v for side in sides for v in side))
+    cells["left"][leaf] = _append_cell(cells, halves[0], depth, leaf)
+    cells["right"][leaf] = _append_cell(cells, halves[1], depth, leaf)
+
+
+def _cut_sparsity_axis(
+    cells: dict[str, list[Any]], node: int, first: int, end: int, count: int
+) -> None:
+    """Cut ``node`` (candidates ``first..end-1`` of ``count``) along ``ŝ`` at the
+    candidates' share boundaries ``k / count`` until each cell holds one candidate;
+    all these cells keep depth 0 (the candidates' own trees start fresh)."""
+    if end - first <= 1:
+        return
+    mid = (first + end) // 2
+    _halve(cells, node, 2, mid / count, depth=0)
+    _cut_sparsity_axis(cells, cells["left"][node], first, mid, count)
+    _cut_sparsity_axis(cells, cells["right"][node], mid, end, count)
 
 
 def _b_values(
     cells: Mapping[str, list[Any]], config: SucbConfig, t: float, frozen: bool
 ) -> list[float]:
-    """``B_C`` of every cell; children always have larger indices than parents."""
+    """``B_C`` of every cell; children always have larger indices than parents.
+
+    A cut of the ``ŝ`` axis (children as deep as their parent) only chooses between
+    candidates: its ``B`` is the larger child's, not capped by its own ``U``.
+    """
     count = len(cells["depth"])
     log_t = math.log(max(t, 1.0))
     n, total, depth = cells["n"], cells["total"], cells["depth"]
@@ -344,7 +443,12 @@ def _b_values(
             )
         else:
             u = math.inf
-        b[i] = u if left[i] < 0 else min(u, max(b[left[i]], b[right[i]]))
+        if left[i] < 0:
+            b[i] = u
+        elif depth[left[i]] == depth[i]:  # an ŝ cut
+            b[i] = max(b[left[i]], b[right[i]])
+        else:
+            b[i] = min(u, max(b[left[i]], b[right[i]]))
     return b
 
 
@@ -370,15 +474,34 @@ def fedspine_reward_terms(
     max_update_norm: float,
     time: float,
     max_time: float,
+    *,
+    at_target: bool = False,
 ) -> tuple[float, float, float, float]:
-    """The four reward terms of §11.4, each clipped to ``[0, 1]``.
+    """The four reward terms of §11.4, each clipped to ``[0, 1]`` (the one place
+    FedSpine's reward is computed; FedSpine: Yao et al., arXiv 2501.02438 — the paper
+    names the four ingredients, the formula is ALGORITHMS.md §11.4 ``[PROPOSAL]``).
+
+    All arguments are scalars of one device and one round: probe-batch losses before
+    and after local training, the sparsity it gained (``s_after − s_prev``), its
+    target ``s*`` and round-start sparsity ``s_prev``, the Frobenius norm of its
+    product change and the round's largest one, its (simulated) round time and the
+    round's largest one.
+
+    Pruning progress, ``gain / (s* − s_prev + 1e-8)``, is the specification's formula
+    with ``s*`` the device's target. With candidate final sparsities (issue 18,
+    ``[PROPOSAL]``) ``s*`` is the target the bandit chose for this round, and a device
+    that stands at it after the round (``at_target``) scores 1 — also when it was
+    there before: a low target that is reached is not penalised against a higher one
+    still being pruned towards. With a single target (the default) ``at_target``
+    stays false, so a device at ``s*`` scores 0 as in the specification (its pruning
+    coordinate is frozen then, so every arm gets the same 0).
 
     Returns:
         ``(loss, pruning, importance, time)``:
-        ``(L_before − L_after) / L_before``, ``gain / (s* − s_prev + 1e-8)``,
-        ``‖ΔP_i‖ / max_j ‖ΔP_j‖`` and ``1 − T_i / max_j T_j``. A term whose
-        denominator is not positive (``L_before``, ``max_update_norm``, ``max_time``)
-        is 0.
+        ``(L_before − L_after) / L_before``, ``1`` if ``at_target`` else
+        ``gain / (s* − s_prev + 1e-8)``, ``‖ΔP_i‖ / max_j ‖ΔP_j‖`` and
+        ``1 − T_i / max_j T_j``. A term whose denominator is not positive
+        (``L_before``, ``max_update_norm``, ``max_time``) is 0.
 
     Raises:
         ValueError: an input is not finite.
@@ -398,7 +521,7 @@ def fedspine_reward_terms(
     if bad:
         raise ValueError(f"reward inputs must be finite, got {bad}")
     loss = (loss_before - loss_after) / loss_before if loss_before > 0.0 else 0.0
-    prune = sparsity_gain / (s_target - s_prev + 1e-8)
+    prune = 1.0 if at_target else sparsity_gain / (s_target - s_prev + 1e-8)
     importance = update_norm / max_update_norm if max_update_norm > 0.0 else 0.0
     speed = 1.0 - time / max_time if max_time > 0.0 else 0.0
     return _clip01(loss), _clip01(prune), _clip01(importance), _clip01(speed)
@@ -415,6 +538,8 @@ def fedspine_reward(
     time: float,
     max_time: float,
     weights: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.25),
+    *,
+    at_target: bool = False,
 ) -> float:
     """``R = w_L·loss + w_P·pruning + w_I·importance + w_T·time`` (§11.4).
 
@@ -431,6 +556,7 @@ def fedspine_reward(
         max_update_norm,
         time,
         max_time,
+        at_target=at_target,
     )
     return sum(w * term for w, term in zip(weights, terms, strict=True))
 
@@ -440,30 +566,38 @@ class FedSpineSelector:
     """FedSpine's server controller: uniform sampling + one S-UCB bandit per device.
 
     ``plan`` samples ``clients_per_round`` nodes exactly like ``UniformSelector`` and
-    asks each device's bandit (keyed by partition id) for a rank and a pruning ratio;
-    the plan carries the rank in ``ClientPlan.rank`` and the options
-    ``"prune-ratio"``, ``"target-sparsity"`` and ``"prune-interval"``.
-    ``feedback`` turns each update's metrics (:data:`METRIC_KEYS`) into the reward of
-    :func:`fedspine_reward` (maxima over this round's updates) and updates that
-    device's bandit; a device whose sparsity reached ``target_sparsity`` gets its
-    pruning coordinate frozen.
+    asks each device's bandit (keyed by partition id) for a rank, a pruning ratio and
+    — with candidate sparsities (``sucb.sparsities``) — a final sparsity; the plan
+    carries the rank in ``ClientPlan.rank`` and the options ``"prune-ratio"``,
+    ``"target-sparsity"`` (the chosen candidate, else ``target_sparsity``) and
+    ``"prune-interval"``. ``feedback`` turns each update's metrics
+    (:data:`METRIC_KEYS`) into the reward of :func:`fedspine_reward_terms` (maxima
+    over this round's updates; pruning progress towards the decision's own target)
+    and updates that device's bandit; a device whose sparsity reached its largest
+    possible target (``target_sparsity``, or the largest candidate) gets its pruning
+    coordinate frozen.
 
     The state is JSON-serialisable: ``{"bandits": {pid: SucbState}, "sparsity":
     {pid: float}, "pending": {pid: decision}, "log": [decision, ...]}`` (partition
     ids as strings). Every decision is logged with ``round``, ``partition_id``,
-    ``node_id``, ``rank``, ``prune_ratio``, ``x`` and ``leaf``; ``feedback`` adds
-    ``reward``, ``reward_terms`` and ``sparsity`` to the logged decision.
+    ``node_id``, ``rank``, ``prune_ratio``, ``target_sparsity``, ``x`` and ``leaf``;
+    ``feedback`` adds ``reward``, ``reward_terms`` and ``sparsity`` to the logged
+    decision.
 
     Attributes:
         clients_per_round: how many nodes train per round.
         seed: the run seed.
         sucb: the bandit constants.
-        target_sparsity: ``s*``, the final structure sparsity of every device.
+        target_sparsity: ``s*``, the final structure sparsity of every device
+            (ignored when ``sucb.sparsities`` offers candidates).
         prune_interval: local steps between two pruning steps (20 was best in the
             paper's ablation).
         reward_weights: ``(w_L, w_P, w_I, w_T)``.
         freeze_tolerance: the pruning coordinate freezes once
-            ``sparsity >= target_sparsity − freeze_tolerance``.
+            ``sparsity >= target_sparsity − freeze_tolerance`` (the largest
+            candidate's); with candidates, a device also stands at its chosen target
+            when ``sparsity >= target − freeze_tolerance`` (or the client reports
+            :data:`AT_TARGET_KEY`).
         options: extra options put in every plan.
     """
 
@@ -500,6 +634,11 @@ class FedSpineSelector:
         if problems:
             raise ConfigError(problems)
 
+    @property
+    def final_sparsity(self) -> float:
+        """The largest target a device can be given (its pruning freezes there)."""
+        return max(self.sucb.sparsities, default=self.target_sparsity)
+
     def initialize(self, nodes: Sequence[NodeInfo]) -> dict[str, Any]:
         """One fresh bandit per connected device."""
         bandits = {str(n.partition_id): sucb_init(self.sucb) for n in nodes}
@@ -513,7 +652,7 @@ class FedSpineSelector:
     def plan(
         self, state: dict[str, Any], server_round: int, nodes: Sequence[NodeInfo]
     ) -> tuple[dict[str, Any], Mapping[int, ClientPlan]]:
-        """Sample clients uniformly; each device's bandit picks its rank and ratio."""
+        """Sample clients uniformly; each device's bandit picks its arm."""
         sampler = UniformSelector(
             self.clients_per_round, rank=self.sucb.ranks[0], seed=self.seed
         )
@@ -528,13 +667,15 @@ class FedSpineSelector:
             bandit, arm, x = sucb_select(bandit, self.sucb, rng_seed)
             new["bandits"][pid] = bandit
             new["sparsity"].setdefault(pid, 0.0)
+            target = self.target_sparsity if arm.sparsity is None else arm.sparsity
             decision = {
                 "round": server_round,
                 "partition_id": plan.partition_id,
                 "node_id": node_id,
                 "rank": arm.rank,
                 "prune_ratio": arm.prune_ratio,
-                "x": [x[0], x[1]],
+                "target_sparsity": target,
+                "x": list(x),
                 "leaf": arm.leaf,
             }
             new["pending"][pid] = {**decision, "log_index": len(new["log"])}
@@ -542,7 +683,7 @@ class FedSpineSelector:
             options: dict[str, Scalar] = {
                 **self.options,
                 "prune-ratio": arm.prune_ratio,
-                "target-sparsity": self.target_sparsity,
+                "target-sparsity": target,
                 "prune-interval": self.prune_interval,
             }
             plans[node_id] = dataclasses.replace(plan, rank=arm.rank, options=options)
@@ -578,28 +719,38 @@ class FedSpineSelector:
             return state
         max_norm = max(float(u.metrics["update-norm"]) for u in updates)
         max_time = max(_seconds(u) for u in updates)
+        chosen = bool(self.sucb.sparsities)  # targets are arms, not one fixed s*
         new = copy.deepcopy(state)
         for u in updates:
             pid = str(u.plan.partition_id)
             decision = new["pending"].pop(pid)
             s_prev = float(new["sparsity"].get(pid, 0.0))
             sparsity = float(u.metrics["sparsity"])
+            target = float(decision.get("target_sparsity", self.target_sparsity))
+            at_target = chosen and (
+                sparsity >= target - self.freeze_tolerance
+                or bool(u.metrics.get(AT_TARGET_KEY, 0.0))
+            )
             terms = fedspine_reward_terms(
                 float(u.metrics["loss-before"]),
                 float(u.metrics["loss-after"]),
                 sparsity - s_prev,
-                self.target_sparsity,
+                target,
                 s_prev,
                 float(u.metrics["update-norm"]),
                 max_norm,
                 _seconds(u),
                 max_time,
+                at_target=at_target,
             )
             reward = sum(w * t for w, t in zip(self.reward_weights, terms, strict=True))
             bandit = sucb_update(
                 new["bandits"][pid], self.sucb, decision["leaf"], reward
             )
-            if sparsity >= self.target_sparsity - self.freeze_tolerance:
+            final = self.final_sparsity
+            if sparsity >= final - self.freeze_tolerance or (
+                at_target and target >= final
+            ):
                 bandit = sucb_freeze_pruning(bandit)
             new["bandits"][pid] = bandit
             new["sparsity"][pid] = sparsity

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -10,6 +11,7 @@ import pytest
 
 from fedpeft.errors import ConfigError, IncompatibleUpdateError
 from fedpeft.selection.sucb import (
+    AT_TARGET_KEY,
     FedSpineSelector,
     SucbConfig,
     fedspine_reward,
@@ -19,6 +21,7 @@ from fedpeft.selection.sucb import (
     sucb_leaves,
     sucb_map,
     sucb_select,
+    sucb_sparsity,
     sucb_update,
 )
 from fedpeft.types import ClientUpdate, NodeInfo, RoundOutput
@@ -272,3 +275,227 @@ def test_selector_deterministic_and_checks_metrics() -> None:
     ]
     with pytest.raises(IncompatibleUpdateError, match="loss-before"):
         selector.feedback(s1, bad, RoundOutput(state={}, tensors={}))
+
+
+# -- candidate final sparsities (issue 18) -------------------------------------------
+
+CANDIDATES = (0.1, 0.2, 0.3, 0.5)
+
+
+def closed_loop(selector: FedSpineSelector, rounds: int = 30, num: int = 6) -> dict:
+    """A deterministic closed loop: each device prunes as planned (sparsity on a
+    60-structure grid); loss gain, time and update norm follow from rank and sparsity."""
+    nodes = [NodeInfo(node_id=50 + i, partition_id=i) for i in range(num)]
+    state = selector.initialize(nodes)
+    sparsity = dict.fromkeys(range(num), 0.0)
+    for t in range(1, rounds + 1):
+        state, plans = selector.plan(state, t, nodes)
+        updates = []
+        for p in plans.values():
+            pid = p.partition_id
+            ratio, target = float(p.options["prune-ratio"]), float(p.options["target-sparsity"])
+            s_prev = sparsity[pid]
+            s_new = max(s_prev, min(target, s_prev + ratio * (1 - s_prev)))
+            sparsity[pid] = max(s_prev, math.floor(s_new * 60 + 1e-9) / 60)
+            loss_before = 1.0 + 0.1 * pid
+            loss_after = loss_before * (1 - 0.02 * p.rank / 8 - 0.05 * (1 - sparsity[pid]))
+            seconds = (1 + pid) * (1 - 0.6 * sparsity[pid]) * (0.5 + p.rank / 16)
+            metrics = {
+                "loss-before": loss_before,
+                "loss-after": loss_after,
+                "sparsity": sparsity[pid],
+                "client-seconds": seconds,
+                "update-norm": 0.1 * p.rank * (1 - 0.5 * sparsity[pid]),
+            }
+            updates.append(
+                ClientUpdate(node_id=p.node_id, tensors={}, num_examples=10, plan=p, metrics=metrics)
+            )
+        state = selector.feedback(state, updates, RoundOutput(state={}, tensors={}))
+    return state
+
+
+def _fingerprint(state: dict) -> str:
+    seq = [
+        (
+            d["round"],
+            d["partition_id"],
+            d["rank"],
+            round(d["prune_ratio"], 9),
+            d["leaf"],
+            round(d["reward"], 9),
+            round(d["sparsity"], 9),
+        )
+        for d in state["log"]
+    ]
+    return hashlib.sha256(json.dumps(seq).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    ("selector", "want"),
+    [
+        (
+            FedSpineSelector(clients_per_round=4, seed=5, sucb=SucbConfig(ranks=(2, 4, 8))),
+            "e0b81de8c7f52439",
+        ),
+        (FedSpineSelector(clients_per_round=6, seed=1), "56ac48e0453537a5"),
+    ],
+)
+def test_default_decisions_are_the_ones_recorded_before_candidate_sparsities(
+    selector: FedSpineSelector, want: str
+) -> None:
+    """Fingerprints of the decision log (arms, leaves, rewards, sparsities) printed by
+    the code before ``sparsities`` existed; the loop reaches s* and freezes."""
+    state = closed_loop(selector)
+
+    assert _fingerprint(state) == want
+    assert all(b["prune_frozen"] and "s_lo" not in b["cells"] for b in state["bandits"].values())
+    assert {d["target_sparsity"] for d in state["log"]} == {0.5}
+
+
+def test_sparsity_map_gives_each_candidate_an_equal_share() -> None:
+    config = SucbConfig(ranks=(2, 4, 8), sparsities=CANDIDATES)
+    assert config.dims == 3
+    got = [sucb_sparsity(config, (0.0, 0.0, s)) for s in (0.0, 0.24, 0.25, 0.6, 0.99, 1.0)]
+    assert got == [0.1, 0.1, 0.2, 0.3, 0.5, 0.5]
+    assert sucb_sparsity(SucbConfig(sparsities=(0.2,)), (0.0, 0.0)) == 0.2
+    assert SucbConfig(sparsities=(0.2,)).dims == 2
+    assert sucb_sparsity(SucbConfig(), (0.0, 0.0)) is None
+
+
+def test_candidate_tree_starts_with_one_cell_per_candidate_and_partitions_the_cube() -> None:
+    config = SucbConfig(ranks=(2, 4, 8), sparsities=(0.0, *CANDIDATES), play="uniform")
+    fresh = sucb_leaves(sucb_init(config))
+    assert sorted((s0, s1) for *_, s0, s1 in fresh) == [
+        (0.0, 0.2),
+        (0.2, 0.4),
+        (0.4, 0.6),
+        (0.6, 0.8),
+        (0.8, 1.0),
+    ]
+    state = sucb_init(config)
+    assert set(state["cells"]["depth"]) == {0}  # the cuts do not age the candidates' trees
+    noise = random.Random(0)
+    for t in range(300):
+        state, arm, x = sucb_select(state, config, t)
+        assert len(x) == 3 and arm.sparsity == sucb_sparsity(config, x)
+        state = sucb_update(state, config, arm.leaf, bump(x[:2]) + noise.gauss(0.0, 0.1))
+    leaves = sucb_leaves(state)
+
+    assert len(leaves) > len(fresh)
+    assert math.isclose(
+        sum((p1 - p0) * (r1 - r0) * (s1 - s0) for p0, p1, r0, r1, s0, s1 in leaves), 1.0
+    )
+    for leaf in leaves:  # ŝ is never split by play
+        assert round(leaf[5] - leaf[4], 12) == 0.2
+    probe = random.Random(1)
+    for _ in range(200):
+        pt = (probe.random(), probe.random(), probe.random())
+        inside = [
+            leaf for leaf in leaves if all(leaf[2 * k] <= pt[k] < leaf[2 * k + 1] for k in range(3))
+        ]
+        assert len(inside) == 1
+
+
+@pytest.mark.parametrize("best", CANDIDATES)
+def test_bandit_tries_every_candidate_sparsity_early_and_settles_on_the_best(best: float) -> None:
+    config = SucbConfig(ranks=(2, 4, 8), sparsities=CANDIDATES)
+    noise = random.Random(3)
+    state = sucb_init(config)
+    played = []
+    for t in range(400):
+        state, arm, _ = sucb_select(state, config, t)
+        played.append(arm.sparsity)
+        mean = 0.9 - 2.0 * abs(arm.sparsity - best) - 0.3 * abs(arm.prune_ratio - 0.15)
+        state = sucb_update(state, config, arm.leaf, mean + noise.gauss(0.0, 0.05))
+
+    assert sorted(played[: len(CANDIDATES)]) == list(CANDIDATES)  # each once, first
+    late = played[-100:]
+    assert max(set(late), key=late.count) == best
+
+
+def test_config_refuses_bad_candidate_sparsities() -> None:
+    for bad in ((0.5, 0.1), (0.1, 0.1), (0.2, 1.0), (-0.1, 0.2)):
+        with pytest.raises(ConfigError, match="sparsities must be distinct numbers in"):
+            SucbConfig(sparsities=bad)
+
+
+def test_pruning_progress_is_measured_towards_the_chosen_target() -> None:
+    # chose 0.5 from 0, reached 0.2: 0.2 / 0.5 of the way
+    assert fedspine_reward_terms(1.0, 1.0, 0.2, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0)[1] == (
+        pytest.approx(0.4)
+    )
+    # chose 0.2 and stands at it (reached now, or before: gain 0) → 1
+    for gain, s_prev in ((0.2, 0.0), (0.0, 0.2), (0.0, 0.3)):
+        terms = fedspine_reward_terms(1.0, 1.0, gain, 0.2, s_prev, 0.0, 0.0, 0.0, 0.0, at_target=True)
+        assert terms[1] == 1.0
+    # the specification's single target: a device at s* scores 0 (default unchanged)
+    assert fedspine_reward_terms(1.0, 1.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0)[1] == 0.0
+
+
+def _candidate_updates(plans, sparsity: dict[int, float], extra=None) -> list[ClientUpdate]:
+    return [
+        ClientUpdate(
+            node_id=p.node_id,
+            tensors={},
+            num_examples=10,
+            plan=p,
+            metrics={
+                "loss-before": 2.0,
+                "loss-after": 1.5,
+                "sparsity": sparsity[p.partition_id],
+                "client-seconds": 1.0,
+                "update-norm": 0.5,
+                **(extra or {}),
+            },
+        )
+        for p in plans.values()
+    ]
+
+
+def test_selector_plans_chosen_targets_rewards_them_and_freezes_only_at_the_largest() -> None:
+    nodes = [NodeInfo(node_id=100 + i, partition_id=i) for i in range(4)]
+    selector = FedSpineSelector(
+        clients_per_round=4,
+        seed=2,
+        sucb=SucbConfig(ranks=(2, 4, 8), sparsities=CANDIDATES),
+        target_sparsity=0.9,  # ignored with candidates
+    )
+    assert selector.final_sparsity == 0.5
+    state = selector.initialize(nodes)
+    seen = set()
+    for t in range(1, 5):  # every candidate of every device within M = 4 rounds
+        state, plans = selector.plan(state, t, nodes)
+        for plan in plans.values():
+            target = plan.options["target-sparsity"]
+            assert target in CANDIDATES
+            assert state["pending"][str(plan.partition_id)]["target_sparsity"] == target
+            seen.add((plan.partition_id, target))
+        # every device lands at its chosen target → the progress term is 1
+        reached = {p.partition_id: float(p.options["target-sparsity"]) for p in plans.values()}
+        state = selector.feedback(
+            state, _candidate_updates(plans, reached), RoundOutput(state={}, tensors={})
+        )
+        for d in state["log"][-len(plans) :]:
+            assert d["reward_terms"][1] == 1.0
+            if d["sparsity"] == 0.5:  # the largest candidate: nothing left to choose
+                assert state["bandits"][str(d["partition_id"])]["prune_frozen"]
+    assert seen == {(i, s) for i in range(4) for s in CANDIDATES}
+    json.dumps(state)
+
+    # fresh devices that pruned half-way to their target score 0.5; a device that
+    # reports at-target (the ⌊s·N⌋ rounding left it just below) scores 1
+    state, plans = selector.plan(selector.initialize(nodes), 1, nodes)
+    half = {p.partition_id: 0.5 * float(p.options["target-sparsity"]) for p in plans.values()}
+    out = selector.feedback(state, _candidate_updates(plans, half), RoundOutput(state={}, tensors={}))
+    assert [d["reward_terms"][1] for d in out["log"]] == pytest.approx([0.5] * len(plans))
+    assert not any(b["prune_frozen"] for b in out["bandits"].values())
+    flagged = selector.feedback(
+        state,
+        _candidate_updates(plans, half, {AT_TARGET_KEY: 1.0}),
+        RoundOutput(state={}, tensors={}),
+    )
+    assert [d["reward_terms"][1] for d in flagged["log"]] == [1.0] * len(plans)
+    assert all(
+        flagged["bandits"][str(d["partition_id"])]["prune_frozen"] == (d["target_sparsity"] == 0.5)
+        for d in flagged["log"]
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,3 +315,93 @@ def test_a_malformed_mask_is_rejected_and_the_global_model_stays_intact(tiny_con
     assert r1["rejected"] == 1 and len(r1["clients"]) == 2
     assert "removes every head" in caplog.text
     assert all(math.isfinite(r["loss"]) for r in results.rounds)
+
+
+# -- candidate final sparsities (issue 18) -------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["0.1,abc", "0.2,1.0", "0.1,-0.1", "0.2,0.2", "nan"])
+def test_malformed_candidate_sparsities_name_the_key_and_the_expected_value(bad):
+    with pytest.raises(
+        ConfigError, match=r"fedspine.sparsities must be .*in \[0, 1\), e.g. '0.1,0.2,0.3,0.5'"
+    ):
+        parse_run_config({"strategy.name": "fedspine", "fedspine.sparsities": bad})
+
+
+def test_candidate_sparsities_reach_the_bandit_and_the_default_has_none():
+    cfg = parse_run_config({"strategy.name": "fedspine", "fedspine.sparsities": "0.5, 0.1,0.3,0.2"})
+    fed = get_strategy("fedspine").build(cfg.options, fx.env(rank=8))
+    assert fed.selector.sucb.sparsities == (0.1, 0.2, 0.3, 0.5) and fed.selector.sucb.dims == 3
+    default = get_strategy("fedspine").build(F.FedSpineConfig(), fx.env(rank=8))
+    assert default.selector.sucb.sparsities == () and default.selector.sucb.dims == 2
+    assert default.selector.target_sparsity == 0.5
+
+
+@pytest.mark.parametrize("candidates", ["", "0.2,0.5"])
+def test_a_device_that_chose_0_2_stops_pruning_at_0_2_of_its_structures(tmp_path, candidates):
+    cfg, task = _task(tmp_path, **{"fedspine.sparsities": candidates})
+    rank = 4
+    model = task.model(rank)
+    client = F.FedSpineClient(LAYOUT, cfg.options)
+    options = {"prune-ratio": 0.5, "target-sparsity": 0.2, "prune-interval": 2}
+    data, _ = task.client_data(0, 3)
+    start, trainable = client.start({}, model.initial, {}, fx.plan(0, rank))
+    heads_n, channels_n = structure_counts(model.model)
+    prunable = [i for i in range(len(heads_n)) if i != len(heads_n) - 1]  # last protected
+    state = {}
+    for seed in (7, 8):  # the second round asks for 0.5 of the remainder again
+        plan = type(fx.plan(0, rank))(100, 0, rank, seed, options)
+        model.load(start)
+        local = client.local_round(task, model, data, trainable, plan, state)
+        state = local.state
+        heads, channels = local.tensors[F.HEADS_KEY].bool(), local.tensors[F.CHANNELS_KEY].bool()
+        for mask, counts in ((heads, heads_n), (channels, channels_n)):
+            total = sum(counts[i] for i in prunable)
+            removed = sum(counts[i] - int(mask[i].sum()) for i in prunable)
+            assert removed == math.floor(0.2 * total + 1e-9)  # tiny-bert: 0 of 4 heads, 25 of 128
+        # 1 with candidates: nothing left to prune for 0.2, although sparsity (the mean of
+        # head and channel sparsity, 0.098) is below 0.2
+        assert local.metrics.get("at-target") == (1.0 if candidates else None)
+        assert local.metrics["sparsity"] < 0.2
+
+
+def _sparsity_by_device(results):
+    out: dict[int, list[tuple[float, float]]] = {}
+    for r in results.rounds[1:]:
+        for c in r["clients"]:
+            out.setdefault(c["partition_id"], []).append((c["sparsity"], c["prune_ratio"]))
+    return out
+
+
+def test_a_fixed_allocation_with_a_low_cap_ends_at_the_cap(tiny_config):
+    # tiny-bert prunes 4 heads and 128 channels: 0.25 is exact (1 head, 32 channels)
+    caps = {"fedspine.fixed-rank": 8, "fedspine.fixed-prune-ratio": 0.3}
+    results = run_in_process(_e2e_config(tiny_config, **caps, **{"fedspine.target-sparsity": 0.25}))
+    for pid, entries in _sparsity_by_device(results).items():
+        assert [s for s, _ in entries] == [0.25] * len(entries), pid
+
+
+def test_end_to_end_the_bandit_chooses_final_sparsities_among_the_candidates(tiny_config):
+    from fedpeft.checkpoint import load_latest
+
+    cfg = _e2e_config(
+        tiny_config,
+        **{"fedspine.sparsities": "0.0,0.25,0.5", "federation.rounds": 4, "checkpoint.every": 4},
+    )
+    results = run_in_process(cfg)
+    assert all(r["rejected"] == 0 and r["failed"] == 0 for r in results.rounds)
+    log = load_latest(Path(cfg["output.dir"]) / "checkpoint").states["selector"]["log"]
+    assert {d["target_sparsity"] for d in log} <= {0.0, 0.25, 0.5}
+    by_device: dict[int, list[dict]] = {}
+    for d in log:
+        by_device.setdefault(d["partition_id"], []).append(d)
+    for pid, decisions in by_device.items():
+        # three candidates, four rounds: each device tried every candidate first
+        assert {d["target_sparsity"] for d in decisions[:3]} == {0.0, 0.25, 0.5}, pid
+        reached = 0.0
+        for d in decisions:
+            assert d["sparsity"] >= reached  # never un-prunes
+            if d["target_sparsity"] <= reached + 1e-9 or d["prune_ratio"] == 0.0:
+                assert d["sparsity"] == reached  # a cap at or below it prunes nothing
+            assert d["sparsity"] <= max(reached, d["target_sparsity"]) + 1e-9
+            reached = d["sparsity"]
