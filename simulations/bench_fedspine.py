@@ -1,19 +1,40 @@
 """FedSpine vs fixed allocations on the embedded task under heterogeneous device profiles.
 
-Run:  python simulations/bench_fedspine.py --out reports/fedspine      (~50 min on 2 cores)
-      python simulations/bench_fedspine.py --rounds 2 --steps 4 --clients 3 --model tiny-bert   (smoke)
+Run:  python simulations/bench_fedspine.py --out reports/fedspine-i18
+      (6 runs of 20 rounds × 4 steps; estimated ~80 min alone on 2 cores, ~105 min
+      if another job shares them — see "Budget" below; not yet measured)
+      python simulations/bench_fedspine.py --rounds 2 --steps 4 --clients 3 --model tiny-bert \
+          --test-size 120 --out /tmp/fedspine-smoke   (smoke, under a minute)
 
 Every run goes through the real ClientApp/ServerApp on the in-process grid: MiniLM
 sequence classifier, tweets IID over ``--clients`` clients, all of them every round,
 ``--steps`` AdamW steps of batch 16, LoRA (``lora.r = 8``) on query/value and both FFN
-projections (so FFN channels get importance scores) plus the head:
+projections (so FFN channels get importance scores) plus the head, pruning every
+``--interval`` steps:
 
 * ``uniform``: every device at the max rank 8, no pruning (``fedspine.fixed-rank=8``,
   ``fixed-prune-ratio=0``: the same aggregation, no bandit);
-* ``fixed-rR-pP``: every device at rank R pruning P of its remaining heads/channels
-  per round up to ``target-sparsity`` (the candidates for the best single allocation);
-* ``fedspine``: the per-device S-UCB bandit, one run per device profile mix (its
-  choices depend on the simulated times it is rewarded with).
+* ``fixed-rR-pP-sS``: every device at rank R pruning P of its remaining heads/channels
+  per round until its final sparsity S (``fedspine.target-sparsity``; the low caps
+  0.1 and 0.2 beside issue 6's 0.5) — the candidates for the best single allocation;
+* ``fedspine``: the per-device S-UCB bandit choosing rank, pruning ratio and — with
+  ``--sparsities`` (default ``0.1,0.2,0.3,0.5``; ``""`` for the paper's single
+  ``--target-sparsity``) — each device's final sparsity; one run per device profile
+  mix (its choices depend on the simulated times it is rewarded with). ``--spine
+  KEY=VALUE`` (repeatable) adds settings to these runs only, e.g. ``fedspine.c=0.2``.
+
+Budget (issue 18: a 20+-round horizon, fewer local steps where CPU time forbids
+more). Estimated, not measured, from the issue-6 run of this script (6 rounds × 12
+steps, 6 clients, 2,000 test tweets, ``runs/fedspine.log`` / its ``summary.json``
+files, 2 cores shared with another benchmark): a dense client round took ~13.6 s
+(~1.1 s per step with the model copy and probe passes), evaluation + overhead
+~35-45 s per round, a run 10-14 min. Here 6 clients × 4 steps ≈ 29 s of training and
+~20 s of evaluation on 1,000 test tweets per round → ~17 min per run at that load,
+~12 min alone (the reference benchmark's ~0.7 s per step at lighter load); 6 runs +
+the pruned models (full test set for accuracy, the first ``--latency-batches``
+batches for latency, identical masks evaluated once) ≈ 80 min alone, ≈ 105 min
+shared. 1,000 test tweets: standard error ~1.5 points per accuracy; all runs share
+the same test set, so differences between runs are less noisy than that.
 
 Fixed allocations train identically whatever the profile (same clients, seeds and
 arms), so they run once without a profile and their simulated times are computed for
@@ -23,7 +44,9 @@ bytes / bandwidth, a round lasting as long as its slowest device). Reported per 
 simulated time to the target accuracy (default: the uniform allocation's final accuracy
 minus 1 point), final accuracy of the global adapter, accuracy and CPU inference latency
 of each device's *pruned* model (the global adapter on the base pruned to the device's
-final masks, on the task's test set, batch 32), bytes, and FedSpine's per-device choices.
+final masks, on the task's test set, batch 32; latency on its first
+``--latency-batches`` batches, best of 3), bytes, and FedSpine's per-device choices
+(rank / prune ratio / final-sparsity target per round, final sparsity).
 Writes ``OUT/fedspine.md``, ``OUT/fedspine.json`` and ``OUT/fedspine.png``;
 ``--report-only --target 0.48 --target 0.585`` re-renders them from the JSON at other
 target accuracies without training again.
@@ -46,7 +69,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedpeft.checkpoint import load_latest  # noqa: E402
-from fedpeft.config import parse_run_config  # noqa: E402
+from fedpeft.config import parse_overrides, parse_run_config  # noqa: E402
 from fedpeft.devices import MIXES, profile_for, simulated_round_seconds, tier_of  # noqa: E402
 from fedpeft.flower.inprocess import run_in_process  # noqa: E402
 from fedpeft.pruning.bert import prune_bert_, structure_counts  # noqa: E402
@@ -55,11 +78,11 @@ from fedpeft.tasks.data import collate  # noqa: E402
 
 TARGETS = "query,value,intermediate.dense,output.dense"
 MIX_NAMES = ("mixed-3-tier", "long-tail")
-FIXED = {  # name: (rank, prune ratio per round)
-    "uniform": (8, 0.0),
-    "fixed-r8-p0.3": (8, 0.3),
-    "fixed-r4-p0.3": (4, 0.3),
-    "fixed-r2-p0.3": (2, 0.3),
+FIXED = {  # name: (rank, prune ratio per round, final sparsity)
+    "uniform": (8, 0.0, 0.0),
+    "fixed-r8-p0.3-s0.1": (8, 0.3, 0.1),
+    "fixed-r8-p0.3-s0.2": (8, 0.3, 0.2),
+    "fixed-r8-p0.3-s0.5": (8, 0.3, 0.5),  # issue 6's fixed-r8-p0.3
 }
 
 
@@ -75,6 +98,7 @@ def base_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "fedspine.ranks": "2,4,8",
         "fedspine.prune-interval": args.interval,
         "fedspine.target-sparsity": args.target_sparsity,
+        "data.test-size": args.test_size,
         "checkpoint.every": args.rounds,
         "output.dir": str(args.out / name),
         "output.save-adapter": False,
@@ -141,8 +165,11 @@ def time_to(run_: dict[str, Any], timeline: list[float], target: float) -> float
     return None
 
 
-def pruned_models(run_: dict[str, Any], flat: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
-    """Accuracy and inference latency of each device's pruned model vs the unpruned one."""
+def pruned_models(
+    run_: dict[str, Any], flat: dict[str, Any], latency_batches: int, repeats: int = 3
+) -> dict[str, Any]:
+    """Accuracy and inference latency of each device's pruned model vs the unpruned one
+    (a device whose masks equal another's, or keep everything, reuses its numbers)."""
     cfg = parse_run_config(flat)
     task = get_task(cfg)
     model = task.model(8)
@@ -151,7 +178,7 @@ def pruned_models(run_: dict[str, Any], flat: dict[str, Any], repeats: int = 3) 
     batches = [
         collate(test, list(range(i, min(i + 32, len(test)))), model.pad_id)
         for i in range(0, len(test), 32)
-    ]
+    ][:latency_batches]
 
     def latency(m: Any) -> float:
         import torch
@@ -172,18 +199,25 @@ def pruned_models(run_: dict[str, Any], flat: dict[str, Any], repeats: int = 3) 
     import torch
 
     heads_n, _ = structure_counts(model.model)
+    seen: dict[str, tuple[Any, float]] = {}  # masks → (accuracy, seconds)
     for pid, (heads, channels) in sorted(run_["masks"].items(), key=lambda kv: int(kv[0])):
-        work = copy.deepcopy(model)
         h = torch.tensor(heads, dtype=torch.bool) if heads is not None else None
         c = torch.tensor(channels, dtype=torch.bool) if channels is not None else None
-        prune_bert_(
-            work.model,
-            {i: h[i] for i in range(len(heads_n))} if h is not None else None,
-            {i: c[i] for i in range(len(heads_n))} if c is not None else None,
-        )
-        seconds = latency(work)
+        if (h is None or bool(h.all())) and (c is None or bool(c.all())):
+            acc, seconds = dense_acc, dense_s  # nothing pruned: the dense model
+        else:
+            key = json.dumps([heads, channels])
+            if key not in seen:
+                work = copy.deepcopy(model)
+                prune_bert_(
+                    work.model,
+                    {i: h[i] for i in range(len(heads_n))} if h is not None else None,
+                    {i: c[i] for i in range(len(heads_n))} if c is not None else None,
+                )
+                seen[key] = (task.evaluate(work, test).get("accuracy"), latency(work))
+            acc, seconds = seen[key]
         out["devices"][pid] = {
-            "accuracy": task.evaluate(work, test).get("accuracy"),
+            "accuracy": acc,
             "seconds": seconds,
             "speedup": dense_s / seconds,
             "heads_kept": float(h.double().mean()) if h is not None else 1.0,
@@ -195,11 +229,34 @@ def pruned_models(run_: dict[str, Any], flat: dict[str, Any], repeats: int = 3) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("reports/fedspine"))
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--clients", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--interval", type=int, default=6, help="fedspine.prune-interval")
-    parser.add_argument("--target-sparsity", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--interval", type=int, default=2, help="fedspine.prune-interval")
+    parser.add_argument(
+        "--sparsities",
+        default="0.1,0.2,0.3,0.5",
+        help="fedspine.sparsities of the FedSpine runs ('' = one --target-sparsity)",
+    )
+    parser.add_argument(
+        "--target-sparsity",
+        type=float,
+        default=0.5,
+        help="FedSpine's single final sparsity when --sparsities is ''",
+    )
+    parser.add_argument(
+        "--spine",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra setting for the FedSpine runs only, repeatable (e.g. fedspine.c=0.2)",
+    )
+    parser.add_argument(
+        "--test-size", type=int, default=1000, help="data.test-size (0: the task's 2,000)"
+    )
+    parser.add_argument(
+        "--latency-batches", type=int, default=8, help="test batches of 32 timed per pruned model"
+    )
     parser.add_argument(
         "--target",
         type=float,
@@ -218,8 +275,19 @@ def main() -> None:
 
     setting: dict[str, Any] = {
         k: getattr(args, k)
-        for k in ("clients", "rounds", "steps", "interval", "target_sparsity", "seed")
+        for k in (
+            "clients",
+            "rounds",
+            "steps",
+            "interval",
+            "sparsities",
+            "target_sparsity",
+            "spine",
+            "test_size",
+            "seed",
+        )
     }
+    setting["fixed"] = {name: list(arm) for name, arm in FIXED.items()}
     setting["date"] = time.strftime("%Y-%m-%d")
     if args.report_only:
         saved = json.loads((args.out / "fedspine.json").read_text())
@@ -259,23 +327,34 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     task.test_data()
 
     runs: dict[str, dict[str, Any]] = {}
-    for name, (rank, ratio) in FIXED.items():
-        print(f"== {name}", flush=True)
-        flat = {
+    configs: dict[str, dict[str, Any]] = {}
+    for name, (rank, ratio, final) in FIXED.items():
+        configs[name] = {
             **base_config(args, name),
             "fedspine.fixed-rank": rank,
             "fedspine.fixed-prune-ratio": ratio,
+            "fedspine.target-sparsity": final,
         }
-        runs[name] = run(name, flat)
-        print(f"   accuracy {runs[name]['accuracy']}, {runs[name]['wall_s']:.0f} s", flush=True)
+    spine = dict(parse_overrides(args.spine)) if args.spine else {}
     for mix in MIX_NAMES:
         name = f"fedspine@{mix}"
+        configs[name] = {
+            **base_config(args, name),
+            "fedspine.sparsities": args.sparsities,
+            "devices.profile": mix,
+            **spine,
+        }
+    for flat in configs.values():
+        parse_run_config(flat)  # every config is valid before the first run starts
+    for name, flat in configs.items():
         print(f"== {name}", flush=True)
-        runs[name] = run(name, {**base_config(args, name), "devices.profile": mix})
+        runs[name] = run(name, flat)
         print(f"   accuracy {runs[name]['accuracy']}, {runs[name]['wall_s']:.0f} s", flush=True)
     print("== pruned models (accuracy, latency)", flush=True)
     pruned = {
-        name: pruned_models(r, base_config(args, name)) for name, r in runs.items() if r["masks"]
+        name: pruned_models(r, configs[name], args.latency_batches)
+        for name, r in runs.items()
+        if r["masks"]
     }
     return runs, pruned
 
@@ -296,7 +375,8 @@ def report(
         "",
         f"{setting['clients']} clients (IID tweets), all every round, {setting['rounds']} rounds, "
         f"{setting['steps']} AdamW steps of batch 16, LoRA r ≤ 8 on {TARGETS} + head, pruning every "
-        f"{setting['interval']} steps up to sparsity {setting['target_sparsity']}. Target accuracy "
+        f"{setting['interval']} steps; {_spine_setting(setting)}; "
+        f"{setting.get('test_size') or 2000} test tweets. Target accuracy "
         f"{names}" + (" (uniform final − 1 pt)." if default_target else "."),
         "",
     ]
@@ -371,10 +451,15 @@ def report(
         for d in runs[f"fedspine@{mix}"]["decisions"]:
             per_device.setdefault(int(d["partition_id"]), []).append(d)
         lines.append(
-            "FedSpine's choices per device (rank, prune ratio by round; final sparsity): "
+            "FedSpine's choices per device (rank / prune ratio / final-sparsity target by "
+            "round; final sparsity): "
             + "; ".join(
                 f"{pid} {tiers[pid]}: "
-                + ", ".join(f"r{d['rank']}/p{d['prune_ratio']:.2f}" for d in ds)
+                + ", ".join(
+                    f"r{d['rank']}/p{d['prune_ratio']:.2f}"
+                    + (f"/s{d['target_sparsity']:g}" if "target_sparsity" in d else "")
+                    for d in ds
+                )
                 + f"; s={ds[-1].get('sparsity', 0.0):.2f}"
                 for pid, ds in sorted(per_device.items())
             )
@@ -382,6 +467,23 @@ def report(
         lines.append("")
         summary["mixes"][mix] = rows
     return "\n".join(lines), summary
+
+
+def _spine_setting(setting: dict[str, Any]) -> str:
+    """How the runs chose their final sparsity (older JSON files lack the new keys)."""
+    fixed = setting.get("fixed")
+    text = (
+        "fixed allocations " + ", ".join(f"{n} (r {a[0]}, p {a[1]}, s {a[2]})" for n, a in fixed.items())
+        if fixed
+        else f"fixed allocations prune up to sparsity {setting['target_sparsity']}"
+    )
+    if setting.get("sparsities"):
+        text += f"; FedSpine chooses each device's final sparsity from {setting['sparsities']}"
+    else:
+        text += f"; FedSpine prunes every device to {setting['target_sparsity']}"
+    if setting.get("spine"):
+        text += f" (with {', '.join(setting['spine'])})"
+    return text
 
 
 def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
