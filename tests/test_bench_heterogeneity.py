@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.support.scripts import load_script
+from tests.support.scripts import ROOT, load_script
 
 bench = load_script("bench_heterogeneity")
 
@@ -40,3 +40,26 @@ def test_a_quick_run_tunes_on_the_validation_share_and_reports(tmp_path, monkeyp
     results = json.loads((out / "heterogeneity.json").read_text())
     assert set(results["splits"]["dirichlet-0.1"]) == {"fedit", "fedsa-lora"}
     assert (out / "accuracy-dirichlet-0.1.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_label_skew_config_is_the_benchmarks_flexlora_run(seed, capsys):
+    """``simulations/configs/label-skew.toml`` (README "Which strategy for my data") is
+    the benchmark's FlexLoRA run at α = 0.1 key for key, at any ``--set seed=N``, with
+    a client rate from the benchmark's grid."""
+    import argparse
+
+    from fedpeft.cli import main
+    from fedpeft.config import parse_run_config
+
+    main(["config", "--config", str(ROOT / "simulations/configs/label-skew.toml"), "--set", f"seed={seed}"])
+    got = json.loads(capsys.readouterr().out)
+    got = got.get("config", got)
+    args = argparse.Namespace(quick=False, validation_size=1000, rounds=5, steps=30)
+    flat = {**bench.budget(args), **bench.SPLITS["dirichlet-0.1"], **bench.METHODS["flexlora"],
+            "train.lr": got["train.lr"], "seed": seed, "eval.split": "test"}
+    want = parse_run_config(flat).to_flat()
+    got.pop("output.dir", None)
+    want.pop("output.dir", None)
+    assert got == want
+    assert got["train.lr"] in (5e-4, 1e-3)  # bench_heterogeneity's default --lrs
