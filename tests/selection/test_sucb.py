@@ -207,7 +207,9 @@ def test_reward_terms_clipped_and_weighted() -> None:
         fedspine_reward(float("nan"), 1.0, 0.0, 0.5, 0.1, 1.0, 1.0, 1.0, 1.0)
 
 
-def _updates(plans, sparsity: float) -> list[ClientUpdate]:
+def _updates(plans, sparsity: float | dict[int, float], extra=None, seconds=None) -> list[ClientUpdate]:
+    """One update per plan: ``sparsity`` one value or per partition id; client seconds
+    ``1 + partition id`` unless ``seconds`` is given."""
     return [
         ClientUpdate(
             node_id=p.node_id,
@@ -217,9 +219,10 @@ def _updates(plans, sparsity: float) -> list[ClientUpdate]:
             metrics={
                 "loss-before": 2.0,
                 "loss-after": 1.5,
-                "sparsity": sparsity,
-                "client-seconds": 1.0 + p.partition_id,
+                "sparsity": sparsity[p.partition_id] if isinstance(sparsity, dict) else sparsity,
+                "client-seconds": 1.0 + p.partition_id if seconds is None else seconds,
                 "update-norm": 0.5,
+                **(extra or {}),
             },
         )
         for p in plans.values()
@@ -433,23 +436,7 @@ def test_pruning_progress_is_measured_towards_the_chosen_target() -> None:
 
 
 def _candidate_updates(plans, sparsity: dict[int, float], extra=None) -> list[ClientUpdate]:
-    return [
-        ClientUpdate(
-            node_id=p.node_id,
-            tensors={},
-            num_examples=10,
-            plan=p,
-            metrics={
-                "loss-before": 2.0,
-                "loss-after": 1.5,
-                "sparsity": sparsity[p.partition_id],
-                "client-seconds": 1.0,
-                "update-norm": 0.5,
-                **(extra or {}),
-            },
-        )
-        for p in plans.values()
-    ]
+    return _updates(plans, sparsity, extra, seconds=1.0)
 
 
 def test_selector_plans_chosen_targets_rewards_them_and_freezes_only_at_the_largest() -> None:
