@@ -63,3 +63,25 @@ def test_label_skew_config_is_the_benchmarks_flexlora_run(seed, capsys):
     want.pop("output.dir", None)
     assert got == want
     assert got["train.lr"] in (5e-4, 1e-3)  # bench_heterogeneity's default --lrs
+
+
+def test_heterogeneity_preset_runs_are_the_benchmarks():
+    """Every variant × seed of ``simulations/presets/heterogeneity.toml`` is the
+    benchmark's run of that method and split (label ``METHOD-aALPHA``) at the rate the
+    preset records, so its expectations are the benchmark's figures."""
+    import argparse
+
+    from fedpeft.config import parse_run_config
+
+    sweep = load_script("sweep")
+    base, variants, seeds = sweep.load_preset(ROOT / "simulations/presets/heterogeneity.toml")
+    expect = sweep.load_expectations(ROOT / "simulations/presets/heterogeneity.toml")
+    assert seeds == [0, 1, 2] and set(expect) == set(variants)
+    args = argparse.Namespace(quick=False, validation_size=1000, rounds=5, steps=30)
+    for label, keys in variants.items():
+        method, alpha = label.rsplit("-a", 1)
+        for seed in seeds:
+            got = parse_run_config({**base, **keys, "seed": seed}).to_flat()
+            flat = {**bench.budget(args), **bench.SPLITS[f"dirichlet-{alpha}"], **bench.METHODS[method],
+                    "train.lr": keys["train.lr"], "seed": seed, "eval.split": "test"}
+            assert got == parse_run_config(flat).to_flat(), label
