@@ -180,6 +180,15 @@ def per_round_bytes(summary: Mapping[str, Any]) -> tuple[float, float]:
     return up, down
 
 
+def run_config(
+    base: dict[str, Any], split: str, method: str, key: str, value: float, seed: int,
+    eval_split: str = "test",
+) -> dict[str, Any]:
+    """The flat config of one run: the shared ``base`` keys, the split's and the
+    method's, the tuned ``key`` at ``value``, the seed and the evaluation split."""
+    return {**base, **SPLITS[split], **METHODS[method], key: value, "seed": seed, "eval.split": eval_split}
+
+
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Tune, then measure, every (split, method); return everything."""
     base = budget(args)
@@ -212,12 +221,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for split in splits:
         table: dict[str, Any] = {}
         for method in methods:
-            keys = {**base, **SPLITS[split], **METHODS[method]}
             key, values = grid(method)
             tuning: dict[float, float | None] = {}
             for value in values if len(values) > 1 else []:  # one value: nothing to tune
                 out = args.out / "runs" / split / f"{method}-{key}{value:g}-tune"
-                rec = run({**keys, key: value, "seed": args.tune_seed, "eval.split": "validation"}, out)
+                rec = run(run_config(base, split, method, key, value, args.tune_seed, "validation"), out)
                 tuning[value] = score(method, rec["summary"])
                 progress(f"{split} {method} {key} {value:g} (validation {tuning[value]})", rec)
             scored = [v for v in values if tuning.get(v) is not None]
@@ -225,7 +233,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             runs = {}
             for seed in seeds:
                 out = args.out / "runs" / split / f"{method}-seed{seed}"
-                rec = run({**keys, key: best, "seed": seed, "eval.split": "test"}, out)
+                rec = run(run_config(base, split, method, key, best, seed), out)
                 runs[seed] = rec["summary"]
                 progress(f"{split} {method} seed {seed} (test {score(method, rec['summary'])})", rec)
             table[method] = {"tuned": key, "tuning": tuning, "lr": best, "runs": runs}
@@ -247,9 +255,8 @@ def long_runs(args: argparse.Namespace, base: dict[str, Any], results: dict[str,
     for method in chosen:
         tuned = table[method].get("tuned", "train.lr") if method in table else "train.lr"
         lr = table[method]["lr"] if method in table else 5e-4
-        keys = {**base, **SPLITS["dirichlet-0.1"], **METHODS[method], "federation.rounds": args.long_rounds}
-        rec = run({**keys, tuned: lr, "seed": int(args.seeds.split(",")[0])},
-                  args.out / "runs" / "long" / method)
+        flat = run_config(base, "dirichlet-0.1", method, tuned, lr, int(args.seeds.split(",")[0]))
+        rec = run({**flat, "federation.rounds": args.long_rounds}, args.out / "runs" / "long" / method)
         out[method] = {"lr": lr, "summary": rec["summary"]}
         print(f"long {method}: {score(method, rec['summary'])}", flush=True)
     return out
@@ -342,7 +349,8 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> None:
         plt.close(fig)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (its defaults are the benchmark's budget and grid)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("reports/heterogeneity"))
     parser.add_argument("--splits", default=",".join(SPLITS))
@@ -357,7 +365,11 @@ def main() -> None:
     parser.add_argument("--long-rounds", type=int, default=20)
     parser.add_argument("--long-top", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds: checks the script")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.quick:
         args.lrs, args.seeds = "5e-3,1e-2", "0,1"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -42,46 +42,44 @@ def test_a_quick_run_tunes_on_the_validation_share_and_reports(tmp_path, monkeyp
     assert (out / "accuracy-dirichlet-0.1.png").stat().st_size > 0
 
 
+def _benchmark_run(split: str, method: str, lr: float, seed: int) -> dict:
+    """The resolved config of the benchmark's test-set run at its default budget."""
+    from fedpeft.config import parse_run_config
+
+    flat = bench.run_config(bench.budget(bench.parser().parse_args([])), split, method, "train.lr", lr, seed)
+    return parse_run_config(flat).to_flat()
+
+
 @pytest.mark.parametrize("seed", [0, 2])
 def test_label_skew_config_is_the_benchmarks_flexlora_run(seed, capsys):
     """``simulations/configs/label-skew.toml`` (README "Which strategy for my data") is
     the benchmark's FlexLoRA run at α = 0.1 key for key, at any ``--set seed=N``, with
     a client rate from the benchmark's grid."""
-    import argparse
-
     from fedpeft.cli import main
-    from fedpeft.config import parse_run_config
 
     main(["config", "--config", str(ROOT / "simulations/configs/label-skew.toml"), "--set", f"seed={seed}"])
     got = json.loads(capsys.readouterr().out)
     got = got.get("config", got)
-    args = argparse.Namespace(quick=False, validation_size=1000, rounds=5, steps=30)
-    flat = {**bench.budget(args), **bench.SPLITS["dirichlet-0.1"], **bench.METHODS["flexlora"],
-            "train.lr": got["train.lr"], "seed": seed, "eval.split": "test"}
-    want = parse_run_config(flat).to_flat()
+    want = _benchmark_run("dirichlet-0.1", "flexlora", got["train.lr"], seed)
     got.pop("output.dir", None)
     want.pop("output.dir", None)
     assert got == want
-    assert got["train.lr"] in (5e-4, 1e-3)  # bench_heterogeneity's default --lrs
+    grid = [float(x) for x in bench.parser().parse_args([]).lrs.split(",")]
+    assert got["train.lr"] in grid
 
 
 def test_heterogeneity_preset_runs_are_the_benchmarks():
     """Every variant × seed of ``simulations/presets/heterogeneity.toml`` is the
     benchmark's run of that method and split (label ``METHOD-aALPHA``) at the rate the
     preset records, so its expectations are the benchmark's figures."""
-    import argparse
-
     from fedpeft.config import parse_run_config
 
     sweep = load_script("sweep")
     base, variants, seeds = sweep.load_preset(ROOT / "simulations/presets/heterogeneity.toml")
     expect = sweep.load_expectations(ROOT / "simulations/presets/heterogeneity.toml")
     assert seeds == [0, 1, 2] and set(expect) == set(variants)
-    args = argparse.Namespace(quick=False, validation_size=1000, rounds=5, steps=30)
     for label, keys in variants.items():
         method, alpha = label.rsplit("-a", 1)
         for seed in seeds:
             got = parse_run_config({**base, **keys, "seed": seed}).to_flat()
-            flat = {**bench.budget(args), **bench.SPLITS[f"dirichlet-{alpha}"], **bench.METHODS[method],
-                    "train.lr": keys["train.lr"], "seed": seed, "eval.split": "test"}
-            assert got == parse_run_config(flat).to_flat(), label
+            assert got == _benchmark_run(f"dirichlet-{alpha}", method, keys["train.lr"], seed), label
