@@ -104,7 +104,7 @@ from fedpeft.pruning.bert import (
     structure_counts,
     structure_scores,
 )
-from fedpeft.selection.sucb import AT_TARGET_KEY, FedSpineSelector, SucbConfig
+from fedpeft.selection.sucb import AT_TARGET_KEY, TIME_REFERENCES, FedSpineSelector, SucbConfig
 
 log = logging.getLogger("fedpeft")
 
@@ -190,6 +190,11 @@ class FedSpineConfig:
         protect_last: never prune the last layer.
         probe_size: examples of the fixed local probe batch (loss before/after).
         ema_beta: importance EMA ``β``.
+        time_reference: the time term's denominator, ``round`` (the
+            specification: the round's slowest device) or ``device`` (issue 18,
+            ``[PROPOSAL]``, off by default: the device's own slowest round so far,
+            so the straggler's bandit also learns which arms make it faster); see
+            :attr:`~fedpeft.selection.sucb.FedSpineSelector.time_reference`.
     """
 
     target_sparsity: float = 0.5
@@ -210,6 +215,7 @@ class FedSpineConfig:
     protect_last: bool = True
     probe_size: int = 32
     ema_beta: float = 0.9
+    time_reference: str = "round"
 
     def problems(self) -> list[str]:
         """Invalid values, one line each (ranks above ``lora.r`` are refused by ``build``)."""
@@ -228,6 +234,11 @@ class FedSpineConfig:
             out.append(f"fedspine.probe-size must be >= 1, got {self.probe_size}")
         if not 0.0 <= self.ema_beta < 1.0:
             out.append(f"fedspine.ema-beta must be in [0, 1), got {self.ema_beta}")
+        if self.time_reference not in TIME_REFERENCES:
+            out.append(
+                f"fedspine.time-reference must be one of {', '.join(TIME_REFERENCES)}, "
+                f"got {self.time_reference!r}"
+            )
         if len(_floats(self.reward_weights, "fedspine.reward-weights")) != 4:
             out.append(f"fedspine.reward-weights must be 4 numbers, got {self.reward_weights!r}")
         choices = _sparsity_choices(self.sparsities)
@@ -794,6 +805,7 @@ def build(config: FedSpineConfig, env: StrategyEnv) -> FedStrategy:
             target_sparsity=config.target_sparsity,
             prune_interval=config.prune_interval,
             reward_weights=_floats(config.reward_weights, "fedspine.reward-weights"),  # type: ignore[arg-type]
+            time_reference=config.time_reference,
         ),
         lossy_codecs=False,
         needs_individual_updates=True,

@@ -452,6 +452,10 @@ def _b_values(
     return b
 
 
+TIME_REFERENCES = ("round", "device")
+"""Values of ``fedspine.time-reference`` (:attr:`FedSpineSelector.time_reference`)."""
+
+
 def _seconds(update: ClientUpdate) -> float:
     """The round time the reward uses: ``simulated-seconds`` (the device profile's
     time, added by the server under ``devices.profile``) when present, else the
@@ -598,6 +602,15 @@ class FedSpineSelector:
             candidate's); with candidates, a device also stands at its chosen target
             when ``sparsity >= target − freeze_tolerance`` (or the client reports
             :data:`AT_TARGET_KEY`).
+        time_reference: what the time term divides a device's round time by:
+            ``"round"`` (the specification, §11.4): the round's slowest device,
+            ``1 − T_i / max_j T_j``; ``"device"`` (issue 18, ``[PROPOSAL]`` of this
+            implementation, off by default): the device's own slowest round so far,
+            ``1 − T_i / max_{t' ≤ t} T_i(t')``. Why: under the round reference the
+            slowest device — the one that sets the round's duration — scores 0
+            whatever arm it plays, so its bandit gets no signal for being faster;
+            the device reference rewards every device for beating its own past
+            round time (the first round scores 0).
         options: extra options put in every plan.
     """
 
@@ -608,6 +621,7 @@ class FedSpineSelector:
     prune_interval: int = 20
     reward_weights: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.25)
     freeze_tolerance: float = 1e-3
+    time_reference: str = "round"
     options: Mapping[str, Scalar] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -630,6 +644,11 @@ class FedSpineSelector:
             problems.append(
                 f"fedspine.reward-weights must be 4 non-negative numbers, "
                 f"got {self.reward_weights}"
+            )
+        if self.time_reference not in TIME_REFERENCES:
+            problems.append(
+                f"fedspine.time-reference must be one of {', '.join(TIME_REFERENCES)}, "
+                f"got {self.time_reference!r}"
             )
         if problems:
             raise ConfigError(problems)
@@ -724,6 +743,11 @@ class FedSpineSelector:
         for u in updates:
             pid = str(u.plan.partition_id)
             decision = new["pending"].pop(pid)
+            reference = max_time
+            if self.time_reference == "device":  # the device's own slowest round so far
+                slowest = new.setdefault("max_time", {})
+                reference = max(float(slowest.get(pid, 0.0)), _seconds(u))
+                slowest[pid] = reference
             s_prev = float(new["sparsity"].get(pid, 0.0))
             sparsity = float(u.metrics["sparsity"])
             target = float(decision.get("target_sparsity", self.target_sparsity))
@@ -740,7 +764,7 @@ class FedSpineSelector:
                 float(u.metrics["update-norm"]),
                 max_norm,
                 _seconds(u),
-                max_time,
+                reference,
                 at_target=at_target,
             )
             reward = sum(w * t for w, t in zip(self.reward_weights, terms, strict=True))

@@ -486,3 +486,46 @@ def test_selector_plans_chosen_targets_rewards_them_and_freezes_only_at_the_larg
         flagged["bandits"][str(d["partition_id"])]["prune_frozen"] == (d["target_sparsity"] == 0.5)
         for d in flagged["log"]
     )
+
+
+# -- the time term's reference (issue 18) ---------------------------------------------
+
+
+def _time_terms(selector: FedSpineSelector, seconds_by_round: list[dict[int, float]]) -> list[dict[int, float]]:
+    """The time term each device's decision got, round by round, when every device
+    trains every round and reports the given (simulated) seconds."""
+    nodes = [NodeInfo(node_id=50 + i, partition_id=i) for i in range(3)]
+    state = selector.initialize(nodes)
+    out = []
+    for rnd, seconds in enumerate(seconds_by_round, start=1):
+        state, plans = selector.plan(state, rnd, nodes)
+        updates = [
+            ClientUpdate(
+                node_id=u.node_id, tensors={}, num_examples=u.num_examples, plan=u.plan,
+                metrics={**u.metrics, "simulated-seconds": seconds[u.plan.partition_id]},
+            )
+            for u in _updates(plans, 0.0)
+        ]
+        first = len(state["log"]) - len(plans)
+        state = selector.feedback(state, updates, RoundOutput(state={}, tensors={}))
+        out.append({d["partition_id"]: d["reward_terms"][3] for d in state["log"][first:]})
+        json.dumps(state)
+    return out
+
+
+def test_time_reference_round_gives_the_straggler_nothing_and_device_rewards_its_own_speed_up() -> None:
+    # device 2 is the straggler; in round 2 it halves its time, still the slowest
+    seconds = [{0: 1.0, 1: 2.0, 2: 8.0}, {0: 1.0, 1: 2.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 6.0}]
+    spec = _time_terms(FedSpineSelector(clients_per_round=3, seed=2), seconds)
+    assert [r[2] for r in spec] == [0.0, 0.0, 0.0]  # 1 − T_i / max_j T_j: always 0 for it
+    assert spec[1][0] == pytest.approx(0.75) and spec[1][1] == pytest.approx(0.5)
+
+    own = _time_terms(FedSpineSelector(clients_per_round=3, seed=2, time_reference="device"), seconds)
+    assert [r[2] for r in own] == pytest.approx([0.0, 0.5, 0.25])  # 1 − T_i / its slowest so far
+    assert [r[0] for r in own] == [0.0, 0.0, 0.0]  # a device that never changes: 0
+    assert own[0] == {0: 0.0, 1: 0.0, 2: 0.0}  # the first round has no past
+
+
+def test_time_reference_is_validated() -> None:
+    with pytest.raises(ConfigError, match="fedspine.time-reference must be one of round, device"):
+        FedSpineSelector(clients_per_round=1, time_reference="fleet")

@@ -337,6 +337,14 @@ def test_candidate_sparsities_reach_the_bandit_and_the_default_has_none():
     assert default.selector.target_sparsity == 0.5
 
 
+def test_time_reference_reaches_the_selector_and_a_bad_one_names_the_key():
+    cfg = parse_run_config({"strategy.name": "fedspine", "fedspine.time-reference": "device"})
+    assert get_strategy("fedspine").build(cfg.options, fx.env(rank=8)).selector.time_reference == "device"
+    assert get_strategy("fedspine").build(F.FedSpineConfig(), fx.env(rank=8)).selector.time_reference == "round"
+    with pytest.raises(ConfigError, match="fedspine.time-reference must be one of round, device, got 'x'"):
+        parse_run_config({"strategy.name": "fedspine", "fedspine.time-reference": "x"})
+
+
 @pytest.mark.parametrize("candidates", ["", "0.2,0.5"])
 def test_a_device_that_chose_0_2_stops_pruning_at_0_2_of_its_structures(tmp_path, candidates):
     cfg, task = _task(tmp_path, **{"fedspine.sparsities": candidates})
