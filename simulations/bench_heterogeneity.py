@@ -272,11 +272,15 @@ def render(results: dict[str, Any]) -> str:
         f"{b['train.local-steps']} steps, model {b['model.name']}; client learning rate tuned "
         f"per method over {results['lrs']} on a validation share of the training pool "
         f"({b.get('data.validation-size')} examples), then seeds {results['seeds']} on the test "
-        "set. Δ vs fedit: the mean paired difference (same seed) and its 95 % t-interval. "
-        "FedSA-LoRA: personalised accuracy (each client's own B on its own held-out share). "
-        "No outlier rejection (validation.norm-factor = 0), as in the reference FedAvg. "
-        "SCAFFOLD runs under SGD: compare fedit-sgd+scaffold with fedit-sgd.",
+        "set (methods of `TUNED` on their own key and grid). Δ vs fedit: the mean paired "
+        "difference (same seed) and its 95 % t-interval. "
+        "No outlier rejection (validation.norm-factor = 0), as in the reference FedAvg.",
     ]
+    ran = {m for table in results["splits"].values() for m in table}
+    if ran & PERSONALISED:  # say only what applies to the methods that ran
+        lines[-1] += " FedSA-LoRA: personalised accuracy (each client's own B on its own held-out share)."
+    if any("scaffold" in m for m in ran):
+        lines[-1] += " SCAFFOLD runs under SGD: compare fedit-sgd+scaffold with fedit-sgd."
     for split, table in results["splits"].items():
         lines += ["", f"## {split}", ""]
         if split in REFERENCE:

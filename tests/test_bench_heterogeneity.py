@@ -42,6 +42,16 @@ def test_a_quick_run_tunes_on_the_validation_share_and_reports(tmp_path, monkeyp
     assert (out / "accuracy-dirichlet-0.1.png").stat().st_size > 0
 
 
+def test_the_report_header_names_fedsa_and_scaffold_only_when_they_ran():
+    summary = {"clients": 4, "rounds": [{"round": 1, "accuracy": 0.5, "uplink_bytes": 8, "downlink_bytes": 8}]}
+    row = {"tuned": "train.lr", "lr": 1e-3, "runs": {0: summary}}
+    results = {"budget": bench.budget(bench.parser().parse_args([])), "lrs": [1e-3], "seeds": [0]}
+    plain = bench.render({**results, "splits": {"topic": {"fedit": row}}})
+    assert "FedSA-LoRA" not in plain and "SCAFFOLD" not in plain and "| fedit |" in plain
+    both = bench.render({**results, "splits": {"topic": {"fedit": row, "fedit-sgd+scaffold": row}}})
+    assert "SCAFFOLD runs under SGD" in both and "FedSA-LoRA" not in both
+
+
 def _benchmark_run(split: str, method: str, lr: float, seed: int) -> dict:
     """The resolved config of the benchmark's test-set run at its default budget."""
     from fedpeft.config import parse_run_config
