@@ -127,7 +127,8 @@ class DataConfig:
 
     Attributes:
         partition: ``iid``, ``dirichlet`` (label skew with concentration ``alpha``)
-            or ``topic`` (natural split: tweets by topic / Q&A pairs by category).
+            or ``topic`` (natural split: tweets by topic / Q&A pairs by category, or
+            your data by ``group-column``).
         alpha: Dirichlet concentration (smaller = more skewed).
         test_size: examples held out for the server's evaluation (seeded); 0 for the
             task's default (2,000 tweets; 200 Q/A pairs).
@@ -138,6 +139,21 @@ class DataConfig:
             update, 1 = each client's target is its own, independent of the others.
         validation_size: examples of the training pool set aside (seeded) as a
             validation share, for tuning without the test set (``eval.split``); 0 = none.
+        path: your own data instead of the task's embedded corpus: a CSV / TSV,
+            JSON / JSONL or Parquet file, or a ``save_to_disk`` folder
+            (:mod:`fedpeft.tasks.files`); classification reads ``text-column`` and
+            ``label-column``, causal LM a ``messages`` column or Alpaca
+            ``instruction`` / ``input`` / ``output`` columns. Empty: the embedded corpus.
+        test_path: a file of the same form used whole as the server's test set;
+            empty: a seeded held-out share of ``path`` (``test-size`` examples).
+        text_column: classification: the column holding the text.
+        label_column: classification: the column holding the label (strings or
+            integers; the label set is read from the data and saved with the adapter).
+        group_column: a column whose values are natural groups (hospital, user id,
+            …): ``partition = "topic"`` deals the groups to clients (needs ``path``).
+        prompt_template: causal LM: a prompt with ``{instruction}`` and ``{input}``
+            used instead of the model's chat template for Alpaca rows; empty: the
+            chat template, or the Alpaca prompt when the tokenizer has none.
     """
 
     partition: Literal["iid", "dirichlet", "topic"] = "iid"
@@ -147,10 +163,31 @@ class DataConfig:
     client_test_fraction: float = 0.1
     heterogeneity: float = 0.5
     validation_size: int = 0
+    path: str = ""
+    test_path: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: str = ""
+    prompt_template: str = ""
 
     def problems(self) -> list[str]:
         """Invalid values, one line each."""
         out = _positive("data.alpha", self.alpha)
+        if self.test_path and not self.path:
+            out.append("data.test-path needs data.path (the embedded corpora hold out their own test set)")
+        if self.group_column and not self.path:
+            out.append(
+                "data.group-column needs data.path (the embedded corpora split by their own "
+                "topics / categories under data.partition = \"topic\")"
+            )
+        if self.path and self.partition == "topic" and not self.group_column:
+            out.append(
+                "data.partition = \"topic\" with data.path needs data.group-column: the column "
+                "whose values are the natural groups dealt to clients"
+            )
+        for key, value in (("data.text-column", self.text_column), ("data.label-column", self.label_column)):
+            if not value.strip():
+                out.append(f"{key} must name a column, got {value!r}")
         if self.test_size < 0:
             out.append(f"data.test-size must be >= 0, got {self.test_size}")
         if self.max_examples < 0:

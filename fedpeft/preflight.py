@@ -6,6 +6,9 @@ Each problem is a :class:`~fedpeft.errors.FedPeftError` (``error:`` line, exit 2
 
 * the config parses and its keys are valid; strategy, codecs and privacy options
   are compatible (``privacy.secagg=true`` is refused here too);
+* your data files (``data.path``, ``data.test-path``) exist, parse, have the columns
+  and values the task reads and, for a classifier, at least two classes
+  (:func:`fedpeft.tasks.files.check_files`);
 * ``model.name`` is a model of the task's kind and ``lora.target-modules`` exist in
   it (:func:`fedpeft.tasks.checks.check_model`);
 * the results directory is a writable directory;
@@ -43,8 +46,10 @@ def check_config(flat: FlatConfig) -> RunConfig:
     cfg = parse_run_config(flat)
     from fedpeft.server.setup import build_strategy
     from fedpeft.tasks.checks import check_model
+    from fedpeft.tasks.files import check_files
 
     build_strategy(cfg)
+    check_files(cfg)
     check_model(cfg)
     return cfg
 

@@ -116,5 +116,6 @@ class ServerRun:
         if self.cfg.output.save_adapter:
             self.model.load(state.global_tensors)
             self.model.save_adapter(self.out_dir / "adapter")
+            self.task.save_extras(self.out_dir / "adapter")
         self.results.plot()
         return self.results

