@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -58,11 +59,17 @@ class ModelConfig:
         max_length: maximum tokens per example.
         cache_dir: where converted models are cached (``""``: ``$FEDPEFT_CACHE`` or
             ``~/.cache/fedpeft``).
+        dtype: the frozen base weights' dtype, ``fp32``, ``bf16`` or ``fp16`` (the
+            adapter stays fp32; :mod:`fedpeft.tasks.device`).
+        quantization: ``none``, ``8bit`` or ``4bit`` (QLoRA: NF4 base + LoRA)
+            through bitsandbytes, an optional extra that needs CUDA.
     """
 
     name: str = ""
     max_length: int = 64
     cache_dir: str = ""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    quantization: Literal["none", "8bit", "4bit"] = "none"
 
     def problems(self) -> list[str]:
         """Invalid values, one line each."""
@@ -221,6 +228,13 @@ class TrainConfig:
         logit_adjust: τ of the logit-adjusted loss on the client's own label prior
             (classification; Menon et al., ICLR 2021; 1 = balanced softmax; 0 = off;
             :mod:`fedpeft.tasks.logit_adjust`).
+        device: ``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda``
+            or ``cuda:N``, for client training and the server's evaluation (a
+            SuperNode's node-config ``train.device`` overrides it on that node).
+        precision: ``fp32``, ``bf16`` or ``fp16`` mixed precision (autocast; a
+            gradient scaler for fp16).
+        gradient_checkpointing: recompute activations in the backward pass
+            (transformers' gradient checkpointing): less memory, more compute.
     """
 
     local_steps: int = 30
@@ -232,10 +246,15 @@ class TrainConfig:
     num_threads: int = 0
     prox_mu: float = 0.0
     logit_adjust: float = 0.0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
 
     def problems(self) -> list[str]:
         """Invalid values, one line each."""
         out = _positive("train.batch-size", self.batch_size) + _positive("train.lr", self.lr)
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device):
+            out.append(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.local_steps <= 0 and self.local_epochs <= 0:
             out.append(
                 f"train.local-steps must be > 0 (or set train.local-epochs > 0), "
@@ -603,16 +622,22 @@ class SimulationConfig:
         cpus_per_client: CPUs reserved per ClientApp; on 2 cores, 1 lets two clients
             train at once.
         num_cpus: CPUs given to the simulation (0 = all).
+        gpus_per_client: GPUs reserved per ClientApp (Ray's ``num_gpus``); a
+            fraction lets several clients share one GPU (0.25: four per GPU); 0 =
+            none reserved.
     """
 
     cpus_per_client: int = 1
     num_cpus: int = 0
+    gpus_per_client: float = 0.0
 
     def problems(self) -> list[str]:
         """Invalid values, one line each."""
         out = _positive("simulation.cpus-per-client", self.cpus_per_client)
         if self.num_cpus < 0:
             out.append(f"simulation.num-cpus must be >= 0, got {self.num_cpus}")
+        if not 0.0 <= self.gpus_per_client:
+            out.append(f"simulation.gpus-per-client must be >= 0 (fractions share a GPU), got {self.gpus_per_client}")
         return out
 
 

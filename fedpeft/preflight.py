@@ -9,6 +9,7 @@ Each problem is a :class:`~fedpeft.errors.FedPeftError` (``error:`` line, exit 2
 * your data files (``data.path``, ``data.test-path``) exist, parse, have the columns
   and values the task reads and, for a classifier, at least two classes
   (:func:`fedpeft.tasks.files.check_files`);
+* ``train.device`` exists on this machine and ``model.quantization`` can run on it;
 * ``model.name`` is a model of the task's kind and ``lora.target-modules`` exist in
   it (:func:`fedpeft.tasks.checks.check_model`);
 * the results directory is a writable directory;
@@ -50,8 +51,21 @@ def check_config(flat: FlatConfig) -> RunConfig:
 
     build_strategy(cfg)
     check_files(cfg)
+    check_devices(cfg)
     check_model(cfg)
     return cfg
+
+
+def check_devices(cfg: RunConfig) -> None:
+    """``train.device`` exists here and ``model.quantization`` can run on it
+    (:mod:`fedpeft.tasks.device`; a deployment's nodes check their own again).
+
+    Raises:
+        ConfigError: naming the key and what this machine has.
+    """
+    from fedpeft.tasks.device import check_quantization, resolve_device
+
+    check_quantization(cfg.model.quantization, resolve_device(cfg.train.device))
 
 
 def prepare_run(flat: FlatConfig, *, overwrite: bool = False) -> FlatConfig:

@@ -67,7 +67,7 @@ def correction_term(
     terms = []
     for key, p in params.items():
         if key in c:
-            drift = c[key].to(p.dtype) - c_i.get(key, torch.zeros_like(c[key])).to(p.dtype)
+            drift = (c[key] - c_i.get(key, torch.zeros_like(c[key]))).to(p.device, p.dtype)
             terms.append((drift * p).sum())
     return torch.stack(terms).sum() if terms else None
 

@@ -25,7 +25,7 @@ def proximal_term(
     """``(μ/2) Σ_key ‖params[key] − anchor[key]‖²`` over the keys both have (any
     shapes, equal per key); ``None`` when none is shared."""
     terms = [
-        ((p - anchor[k].to(p.dtype)) ** 2).sum() for k, p in params.items() if k in anchor
+        ((p - anchor[k].to(p.device, p.dtype)) ** 2).sum() for k, p in params.items() if k in anchor
     ]
     if not terms:
         return None

@@ -127,6 +127,7 @@ def run_client_round(
         "train-loss": result.loss if result.steps else 0.0,
         "steps": result.steps,
         "train-seconds": result.seconds,
+        "train-tokens": result.tokens,
         "client-seconds": time.perf_counter() - started,
         **extra_metrics,
     }

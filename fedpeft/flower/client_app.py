@@ -34,8 +34,13 @@ from fedpeft.flower import records as rec
 _CONFIGS: dict[frozenset[tuple[str, Any]], RunConfig] = {}
 
 
+NODE_KEYS = ("train.device",)
+"""Run-config keys a SuperNode's ``node-config`` may set for itself (its GPU)."""
+
+
 def _config(context: Context, bound: Mapping[str, Any]) -> RunConfig:
-    flat = {**dict(context.run_config), **bound}
+    node = {k: context.node_config[k] for k in NODE_KEYS if k in context.node_config}
+    flat = {**dict(context.run_config), **bound, **node}
     key = frozenset((k, v) for k, v in flat.items())
     if key not in _CONFIGS:
         _CONFIGS[key] = parse_run_config(flat)

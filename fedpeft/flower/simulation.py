@@ -105,14 +105,30 @@ def fast_extractor() -> Iterator[None]:
 
 
 def check_resources(cfg: RunConfig, num_cpus: int) -> None:
-    """Refuse, before Ray starts, a ClientApp that needs more CPUs than the simulation has.
+    """Refuse, before Ray starts, a ClientApp that needs more CPUs (or GPUs) than the
+    simulation has.
 
     Ray would start, build an empty actor pool (``ActorPool is empty``) and leave the
     ServerApp waiting for replies until the timeout.
 
     Raises:
-        ConfigError: ``simulation.cpus-per-client`` is more than ``num_cpus``.
+        ConfigError: ``simulation.cpus-per-client`` is more than ``num_cpus``, or
+            ``simulation.gpus-per-client`` asks for GPUs this machine does not have.
     """
+    gpus = cfg.simulation.gpus_per_client
+    if gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"simulation.gpus-per-client={gpus:g} but torch {torch.__version__} sees no CUDA "
+                "device here; Ray would find no GPU and no client could start. Set it to 0"
+            )
+        if gpus > torch.cuda.device_count():
+            raise ConfigError(
+                f"simulation.gpus-per-client={gpus:g} is more than the {torch.cuda.device_count()} "
+                "GPU(s) of this machine; no client could start"
+            )
     if cfg.simulation.cpus_per_client > num_cpus:
         source = (
             f"simulation.num-cpus={cfg.simulation.num_cpus}"
@@ -135,9 +151,16 @@ def backend_config(cfg: RunConfig, num_cpus: int) -> dict[str, Any]:
     :func:`~fedpeft.flower.engine_guard.loopback_ray` for why the address alone is not
     enough).
     """
+    gpus = cfg.simulation.gpus_per_client
+    init_gpus: dict[str, Any] = {}
+    if gpus > 0:
+        import torch
+
+        init_gpus["num_gpus"] = torch.cuda.device_count()
     return {
-        "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": float(gpus)},
         "init_args": {
+            **init_gpus,
             "num_cpus": num_cpus,
             "include_dashboard": False,
             "address": "local",
@@ -267,7 +290,8 @@ def run_simulation_engine(
     longer than ``grace`` seconds, the process exits (``os._exit``) with the same line.
 
     Raises:
-        ConfigError: ``simulation.cpus-per-client`` is more than ``num_cpus``.
+        ConfigError: ``simulation.cpus-per-client`` is more than ``num_cpus``, or
+            ``simulation.gpus-per-client`` asks for GPUs this machine does not have.
         SimulationStopped: the run was interrupted (``exit_code`` 130/143) or the engine
             failed (``exit_code`` 2).
         FedPeftError: the ServerApp stopped with an error (e.g. a round failed).

@@ -31,6 +31,7 @@ from fedpeft.tasks.data import (
     label_histogram,
     partition_indices,
 )
+from fedpeft.tasks.device import DTYPES, check_quantization, quantization_config, resolve_device
 from fedpeft.tasks.logit_adjust import adjusted_cross_entropy, log_prior
 from fedpeft.tasks.model import AdapterModel, cached, seeded
 from fedpeft.tasks.packages import cache_root
@@ -171,7 +172,7 @@ class Task:
             if self.user_data
             else ()
         )
-        return (self.name, self.model_name, self.cfg.model.max_length, self.cfg.model.cache_dir, source, *parts)
+        return (self.name, self.model_name, self.cfg.model.max_length, self.cfg.model.cache_dir, *parts, source)
 
     def tok(self) -> Any:
         """The task's tokenizer, loaded once per process."""
@@ -377,14 +378,45 @@ class Task:
         Its initial adapter (``.initial``) depends only on the run seed, so the
         server and every client build identical starting points.
         """
-        return cached(self._key("model", rank, self.targets, self.cfg.lora, self.cfg.seed), lambda: self._build(rank))
+        placement = (self.cfg.train.device, self.cfg.model.dtype, self.cfg.model.quantization,
+                     self.cfg.train.gradient_checkpointing)
+        return cached(
+            self._key("model", rank, self.targets, self.cfg.lora, self.cfg.seed, placement),
+            lambda: self._build(rank),
+        )
+
+    def pretrained_options(self) -> dict[str, Any]:
+        """``from_pretrained`` keywords for ``model.dtype`` and ``model.quantization``
+        (bitsandbytes places a quantised model on its GPU itself)."""
+        device = resolve_device(self.cfg.train.device)
+        quantization = self.cfg.model.quantization
+        check_quantization(quantization, device)
+        options: dict[str, Any] = {"dtype": DTYPES[self.cfg.model.dtype]}
+        if quantization != "none":
+            options.update(quantization_config=quantization_config(quantization),
+                           device_map={"": device.index or 0}, dtype=torch.bfloat16)
+        return options
 
     def _build(self, rank: int) -> AdapterModel:
         from peft import LoraConfig, get_peft_model
 
         quiet_transformers()
+        device = resolve_device(self.cfg.train.device)
+        quantized = self.cfg.model.quantization != "none"
         with seeded(derive_seed(self.cfg.seed, "init")):
             base = self.base_model()
+            if quantized:
+                from peft import prepare_model_for_kbit_training
+
+                base = prepare_model_for_kbit_training(
+                    base, use_gradient_checkpointing=self.cfg.train.gradient_checkpointing
+                )
+            else:
+                base = base.to(DTYPES[self.cfg.model.dtype])  # a no-op when loaded so
+            if self.cfg.train.gradient_checkpointing:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if hasattr(base.config, "use_cache"):
+                    base.config.use_cache = False  # the KV cache does not mix with recomputation
             lora = LoraConfig(
                 r=rank,
                 lora_alpha=self.cfg.lora.alpha,
@@ -395,6 +427,8 @@ class Task:
                 task_type=self.task_type(),
             )
             peft_model = get_peft_model(base, lora)
+        if not quantized:
+            peft_model.to(device)
         peft_model.eval()
         tok = self.tok()
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -425,4 +459,6 @@ class Task:
 
     def evaluate(self, model: AdapterModel, data: Examples) -> dict[str, float]:
         """Loss and accuracy (classification) or perplexity (causal LM)."""
-        return evaluate(model, data, self.cfg.eval.batch_size, self.loss, self.classification)
+        return evaluate(
+            model, data, self.cfg.eval.batch_size, self.loss, self.classification, self.cfg.train.precision
+        )

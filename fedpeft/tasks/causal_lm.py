@@ -150,7 +150,6 @@ class CausalLM(Task):
 
     def base_model(self) -> Any:
         """SmolLM2 from its converted folder, or a tiny random Llama."""
-        import torch
         from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
         if self.model_name == "tiny-llama":
@@ -164,7 +163,7 @@ class CausalLM(Task):
                 max_position_embeddings=512,
             )
             return LlamaForCausalLM(config)
-        return AutoModelForCausalLM.from_pretrained(self._folder(), dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(self._folder(), **self.pretrained_options())
 
     def task_type(self) -> str:
         """Causal language modelling."""

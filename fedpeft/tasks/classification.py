@@ -136,7 +136,9 @@ class Classification(Task):
             return BertForSequenceClassification(config)
         if self.model_name != "minilm":
             options["ignore_mismatched_sizes"] = True  # a folder's own head may have another size
-        return AutoModelForSequenceClassification.from_pretrained(self._folder(), **options)
+        return AutoModelForSequenceClassification.from_pretrained(
+            self._folder(), **options, **self.pretrained_options()
+        )
 
     def label_names(self) -> list[str]:
         """``negative``, ``neutral``, ``positive``; with your data, its labels

@@ -43,4 +43,4 @@ def adjusted_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, prior_log: torch.Tensor, tau: float
 ) -> torch.Tensor:
     """Mean ``CE(z + τ·log π, y)``; ``logits`` ``(batch, C)``, ``labels`` ``(batch,)``."""
-    return F.cross_entropy(logits + tau * prior_log.to(logits.dtype), labels)
+    return F.cross_entropy(logits + tau * prior_log.to(logits.device, logits.dtype), labels)

@@ -62,6 +62,11 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A detached fp32 CPU copy of ``t`` (a plain clone for fp32 CPU tensors)."""
+    return t.detach().to("cpu", torch.float32, copy=True)
+
+
 class AdapterModel:
     """A peft model plus the bookkeeping to load, read and train its adapter.
 
@@ -89,12 +94,18 @@ class AdapterModel:
         self._base_original: dict[str, torch.Tensor] = {}
         self._shifted: set[str] = set()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live (``train.device``)."""
+        return next(iter(self.params.values())).device if self.params else torch.device("cpu")
+
     def tensors(self) -> TensorDict:
-        """A detached copy of every adapter tensor, plus the base delta
+        """A detached fp32 CPU copy of every adapter tensor (what is sent and
+        aggregated, whatever the model's device and dtype), plus the base delta
         ``(d_out, d_in)`` of every base weight made trainable by :meth:`set_trainable`."""
-        out = {k: p.detach().clone() for k, p in self.params.items()}
+        out = {k: _host(p) for k, p in self.params.items()}
         for module in sorted(self._trained_base):
-            change = self._base_weight(module) - self._base_original[module]
+            change = _host(self._base_weight(module)) - _host(self._base_original[module])
             if getattr(self._layer(module), "fan_in_fan_out", False):
                 change = change.T  # Conv1D stores (in, out)
             out[base_delta_key(module)] = change.contiguous()
@@ -145,7 +156,7 @@ class AdapterModel:
                     f"base delta for {module!r} has shape {tuple(delta.shape)}, expected "
                     f"(d_out, d_in) matching base weight {tuple(weight.shape)}"
                 )
-            weight.copy_(self._base_original[module] + d.to(weight.dtype))
+            weight.copy_(self._base_original[module] + d.to(weight.device, weight.dtype))
             self._shifted.add(module)
 
     def _base_weight(self, module: str) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 
 from fedpeft.config import TrainConfig
 from fedpeft.tasks.data import Examples, collate
+from fedpeft.tasks.device import autocast, grad_scaler
 from fedpeft.tasks.model import AdapterModel, seeded
 
 LossFn = Callable[[AdapterModel, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -40,12 +41,15 @@ class TrainResult:
         steps: optimizer steps taken.
         loss: mean training loss over the steps.
         seconds: wall-clock time of the loop.
+        tokens: non-padding input tokens trained on (``attention_mask`` ones; 0 for
+            batches without a mask), for tokens per second.
     """
 
     num_examples: int
     steps: int
     loss: float
     seconds: float
+    tokens: int = 0
 
 
 def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
@@ -69,17 +73,26 @@ def _backward(
     loss_fn: LossFn,
     penalty: PenaltyFn | None,
     live: Mapping[str, torch.Tensor],
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
-    """Forward and backward of one batch; return the task loss. The autograd graph
-    dies with this frame, so nothing keeps stale shape metadata of the parameters."""
-    loss, _ = loss_fn(model, batch)
+    """Forward (under ``precision``'s autocast) and backward of one batch; return the
+    task loss. The autograd graph dies with this frame, so nothing keeps stale shape
+    metadata of the parameters."""
+    with autocast(model.device, precision):
+        loss, _ = loss_fn(model, batch)
     value = float(loss.detach())
     if penalty is not None:
         extra = penalty(live)
         if extra is not None:
             loss = loss + extra
-    loss.backward()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
     return value
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device`` (no copy when they are there already)."""
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def local_train(
@@ -118,39 +131,55 @@ def local_train(
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     live = {k: p for k, p in model.params.items() if k in trainable}
-    total = 0.0
+    total, tokens = 0.0, 0
+    device = model.device
+    scaler = grad_scaler(device, cfg.precision)
     model.model.train()
     with seeded(seed):
         for step, idx in enumerate(batch_schedule(n, cfg.batch_size, steps, seed), start=1):
             batch = (
                 batch_fn(idx.tolist()) if batch_fn is not None else collate(data, idx.tolist(), model.pad_id)
             )
-            total += _backward(model, batch, loss_fn, penalty, live)
-            opt.step()
+            if "attention_mask" in batch:
+                tokens += int(batch["attention_mask"].sum())
+            total += _backward(model, to_device(batch, device), loss_fn, penalty, live, cfg.precision, scaler)
+            if scaler is not None:
+                scaler.step(opt)  # unscales the gradients first; skips the step on inf/nan
+                scaler.update()
+            else:
+                opt.step()
             if on_step is not None:  # the step's graph is gone: parameters may change shape
                 on_step(step, opt)
             opt.zero_grad(set_to_none=True)
     model.model.eval()
     return TrainResult(
-        num_examples=n, steps=steps, loss=total / steps, seconds=time.perf_counter() - start
+        num_examples=n, steps=steps, loss=total / steps, seconds=time.perf_counter() - start, tokens=tokens
     )
 
 
 def evaluate(
-    model: AdapterModel, data: Examples, batch_size: int, loss_fn: LossFn, classification: bool
+    model: AdapterModel,
+    data: Examples,
+    batch_size: int,
+    loss_fn: LossFn,
+    classification: bool,
+    precision: str = "fp32",
 ) -> dict[str, float]:
-    """Mean loss (and accuracy for classification; perplexity for language models)."""
+    """Mean loss (and accuracy for classification; perplexity for language models),
+    under ``precision``'s autocast on the model's device."""
     if len(data) == 0:
         return {}
     model.model.eval()
+    device = model.device
     loss_sum, weight, correct = 0.0, 0, 0
     # sort by length so padding is minimal; results do not depend on order
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = collate(data, idx, model.pad_id)
-            loss, logits = loss_fn(model, batch)
+            batch = to_device(collate(data, idx, model.pad_id), device)
+            with autocast(device, precision):
+                loss, logits = loss_fn(model, batch)
             if classification:
                 count = len(idx)
                 correct += int((logits.argmax(-1) == batch["labels"]).sum())
