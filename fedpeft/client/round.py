@@ -76,6 +76,10 @@ def run_client_round(
     from fedpeft.tasks import get_task
 
     started = time.perf_counter() if started is None else started
+    if cfg.train.num_threads:  # the whole process: a ClientApp process trains one client
+        import torch
+
+        torch.set_num_threads(cfg.train.num_threads)
     task = get_task(cfg)
     model = task.model(plan.rank)
     algorithm = client_algorithm(cfg)
