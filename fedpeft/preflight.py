@@ -69,7 +69,8 @@ def check_devices(cfg: RunConfig) -> None:
 
 
 def prepare_run(flat: FlatConfig, *, overwrite: bool = False) -> FlatConfig:
-    """Check a run before it starts; return ``flat`` with ``output.dir`` resolved.
+    """Check a run before it starts; return ``flat`` with ``output.dir`` (and
+    ``data.path`` / ``data.test-path``) resolved to absolute paths.
 
     Args:
         flat: the run config.
@@ -101,7 +102,10 @@ def prepare_run(flat: FlatConfig, *, overwrite: bool = False) -> FlatConfig:
             )
         if found:
             clear_run(out_dir, ckpt_dir)
-    return {**flat, "output.dir": str(out_dir)}
+    # worker processes (Ray actors, SuperNodes started here) may run in another directory
+    files = {k: str(pathlib.Path(v).expanduser().resolve()) for k, v in
+             (("data.path", cfg.data.path), ("data.test-path", cfg.data.test_path)) if v}
+    return {**flat, **files, "output.dir": str(out_dir)}
 
 
 def writable_dir(path: pathlib.Path, key: str) -> None:

