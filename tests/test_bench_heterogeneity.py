@@ -80,8 +80,9 @@ def test_label_skew_config_is_the_benchmarks_flexlora_run(seed, capsys):
 
 def test_heterogeneity_preset_runs_are_the_benchmarks():
     """Every variant × seed of ``simulations/presets/heterogeneity.toml`` is the
-    benchmark's run of that method and split (label ``METHOD-aALPHA``) at the rate the
-    preset records, so its expectations are the benchmark's figures."""
+    benchmark's run of that method and split (label ``METHOD-aALPHA`` or
+    ``METHOD-topic``) at the rate the preset records, so its expectations are the
+    benchmark's figures."""
     from fedpeft.config import parse_run_config
 
     sweep = load_script("sweep")
@@ -89,7 +90,11 @@ def test_heterogeneity_preset_runs_are_the_benchmarks():
     expect = sweep.load_expectations(ROOT / "simulations/presets/heterogeneity.toml")
     assert seeds == [0, 1, 2] and set(expect) == set(variants)
     for label, keys in variants.items():
-        method, alpha = label.rsplit("-a", 1)
+        if label.endswith("-topic"):
+            method, split = label.removesuffix("-topic"), "topic"
+        else:
+            method, alpha = label.rsplit("-a", 1)
+            split = f"dirichlet-{alpha}"
         for seed in seeds:
             got = parse_run_config({**base, **keys, "seed": seed}).to_flat()
-            assert got == _benchmark_run(f"dirichlet-{alpha}", method, keys["train.lr"], seed), label
+            assert got == _benchmark_run(split, method, keys["train.lr"], seed), label
