@@ -1,8 +1,8 @@
 """FedSpine vs fixed allocations on the embedded task under heterogeneous device profiles.
 
 Run:  python simulations/bench_fedspine.py --out reports/fedspine-i18
-      (6 runs of 20 rounds × 4 steps; estimated ~80 min alone on 2 cores, ~105 min
-      if another job shares them — see "Budget" below; not yet measured)
+      (6 runs of 20 rounds × 4 steps: measured 2026-12-07 at ≈ 115 min with another
+      benchmark sharing the 2 cores, 17-20 min per run; see "Budget" below)
       python simulations/bench_fedspine.py --rounds 2 --steps 4 --clients 3 --model tiny-bert \
           --test-size 120 --out /tmp/fedspine-smoke   (smoke, under a minute)
 
