@@ -161,7 +161,11 @@ class FedSpineConfig:
     leaves the arm space, the tree, the plans and the reward exactly as before: no
     third coordinate is created, every plan carries ``target_sparsity`` and the
     progress formula is the specification's (a test replays a recorded decision
-    sequence of the previous code).
+    sequence of the previous code). Measured (README "FedSpine (issue 18 benchmark)",
+    2026-12-07, 20 rounds, with ``time-reference=device``): every device ended at the
+    largest candidate, 0.5 — trying the candidates one after another commits a device
+    to the largest it tries, as pruning cannot be undone — and no allocation beat
+    uniform training to any target; so it stays off.
 
     Attributes:
         target_sparsity: ``s*``, the final head/channel sparsity of every device
@@ -194,7 +198,9 @@ class FedSpineConfig:
             specification: the round's slowest device) or ``device`` (issue 18,
             ``[PROPOSAL]``, off by default: the device's own slowest round so far,
             so the straggler's bandit also learns which arms make it faster); see
-            :attr:`~fedpeft.selection.sucb.FedSpineSelector.time_reference`.
+            :attr:`~fedpeft.selection.sucb.FedSpineSelector.time_reference`. Only run
+            with ``device`` in the issue 18 benchmark (no side-by-side with ``round``
+            there), so no measurement backs either over the other yet.
     """
 
     target_sparsity: float = 0.5
