@@ -210,6 +210,10 @@ class DataConfig:
         return out
 
 
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+"""Accepted spellings of ``train.device`` (:func:`fedpeft.tasks.device.resolve_device`)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local training on each client.
@@ -255,7 +259,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Invalid values, one line each."""
         out = _positive("train.batch-size", self.batch_size) + _positive("train.lr", self.lr)
-        if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device):
+        if not DEVICE_PATTERN.match(self.device):
             out.append(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.local_steps <= 0 and self.local_epochs <= 0:
             out.append(

@@ -61,8 +61,8 @@ def run_setting(name: str, flat: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         results = run_in_process({**flat, "output.dir": out})
     clients = [c for r in results.rounds[1:] for c in r.get("clients", [])]
-    tokens = sum(float(c.get("train-tokens", c.get("train_tokens", 0))) for c in clients)
-    seconds = sum(float(c.get("train-seconds", c.get("train_seconds", 0))) for c in clients)
+    tokens = sum(float(c["train-tokens"]) for c in clients)
+    seconds = sum(float(c["train-seconds"]) for c in clients)
     cfg = parse_run_config(flat)
     device = get_task(cfg).model(cfg.lora.max_rank).device
     return {

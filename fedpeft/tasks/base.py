@@ -165,14 +165,17 @@ class Task:
         return out.loss, out.logits
 
     # -- shared machinery ---------------------------------------------------------
-    def _key(self, *parts: Any) -> tuple[Any, ...]:
+    def _source(self) -> tuple[Any, ...]:
+        """What turns the user's rows into examples (empty for the embedded corpus)."""
         data = self.cfg.data
-        source = (
-            (data.path, data.test_path, data.text_column, data.label_column, data.group_column, data.prompt_template)
-            if self.user_data
-            else ()
-        )
-        return (self.name, self.model_name, self.cfg.model.max_length, self.cfg.model.cache_dir, *parts, source)
+        if not self.user_data:
+            return ()
+        return (data.path, data.test_path, data.text_column, data.label_column, data.group_column,
+                data.prompt_template)
+
+    def _key(self, *parts: Any) -> tuple[Any, ...]:
+        return (self.name, self.model_name, self.cfg.model.max_length, self.cfg.model.cache_dir, *parts,
+                self._source())
 
     def tok(self) -> Any:
         """The task's tokenizer, loaded once per process."""
@@ -192,11 +195,9 @@ class Task:
         return out
 
     def _corpus_key(self) -> str:
-        data = self.cfg.data
         parts: list[Any] = [self.name, self.model_name, self.cfg.model.max_length]
-        if self.user_data:  # what turns the user's rows into examples
-            parts.append((data.path, data.test_path, data.text_column, data.label_column,
-                          data.group_column, data.prompt_template))
+        if self.user_data:
+            parts.append(self._source())
         for path in self.corpus_sources():
             stat = path.stat()
             parts.append((str(path), stat.st_size, stat.st_mtime_ns))

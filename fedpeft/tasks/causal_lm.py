@@ -126,8 +126,8 @@ class CausalLM(Task):
         """Tokenise every example; labels mask the prompt with ``-100``."""
         if self.user_data:
             rows = self.rows()[0]
-            names = sorted({r.group for r in rows})
-            rendered = [(names.index(r.group), *self._render_row(tokenizer, r)) for r in rows]
+            group_id = {name: i for i, name in enumerate(sorted({r.group for r in rows}))}
+            rendered = [(group_id[r.group], *self._render_row(tokenizer, r)) for r in rows]
         else:
             pairs = read_pairs()
             categories = sorted({c for c, _, _ in pairs})

@@ -94,11 +94,11 @@ class Classification(Task):
         """Tokenise every text once (truncated to ``model.max-length``)."""
         if self.user_data:
             table = self.rows()
-            names = self.label_names()
+            label_id = {name: i for i, name in enumerate(self.label_names())}
+            group_id = {name: i for i, name in enumerate(sorted(set(table.groups)))}
             texts = table.texts
-            labels = [names.index(v) for v in table.labels]
-            group_names = sorted(set(table.groups))
-            groups = [group_names.index(g) for g in table.groups]
+            labels = [label_id[v] for v in table.labels]
+            groups = [group_id[g] for g in table.groups]
         else:
             pairs = read_tweets()
             texts = [t for t, _ in pairs]

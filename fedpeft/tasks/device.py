@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import re
 from typing import Any
 
 import torch
 
+from fedpeft.config import DEVICE_PATTERN
 from fedpeft.errors import ConfigError
-
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-"""Accepted spellings of ``train.device``."""
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``model.dtype`` / ``train.precision`` names → torch dtypes."""
