@@ -174,7 +174,12 @@ def outcome_of(summary: Mapping[str, Any]) -> str:
 def completed_run(directory: pathlib.Path, flat: Mapping[str, Any]) -> dict[str, Any] | None:
     """The ``summary.json`` of ``directory`` when it holds a complete run (``outcome``
     ``complete``) of exactly ``flat``'s resolved config (``output.dir`` aside), else
-    ``None``: what a sweep may reuse instead of running again."""
+    ``None``: what a sweep may reuse instead of running again.
+
+    A key that the run's record lacks because it was added to fedpeft after the run counts
+    as equal when ``flat`` leaves it at its default: a new key's default keeps what ran
+    before (that is how keys are added), so benchmarks keep their finished runs across
+    releases. A key at any other value, or a removed key, makes the run differ."""
     from fedpeft.config import parse_run_config
 
     summary_file, config_file = directory / "summary.json", directory / "config.json"
@@ -183,6 +188,10 @@ def completed_run(directory: pathlib.Path, flat: Mapping[str, Any]) -> dict[str,
     summary = json.loads(summary_file.read_text())
     done = dict(json.loads(config_file.read_text()).get("config", {}))
     want = parse_run_config(flat).to_flat()
+    defaults = parse_run_config({}).to_flat()
+    for key in set(want) - set(done):
+        if want[key] == defaults.get(key, object()):
+            want.pop(key)
     done.pop("output.dir", None)
     want.pop("output.dir", None)
     return summary if outcome_of(summary) == "complete" and done == want else None

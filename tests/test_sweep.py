@@ -47,3 +47,25 @@ def test_only_a_complete_run_of_the_very_same_config_is_reused(tmp_path):
     assert completed_run(tmp_path, {**flat, "train.lr": "0.0005"}) is not None  # same value, as text
     assert completed_run(tmp_path, {**flat, "train.lr": 1e-3}) is None
     assert completed_run(tmp_path / "missing", flat) is None
+
+
+def test_a_run_recorded_before_a_key_existed_is_reused_only_at_that_keys_default(tmp_path):
+    import json
+
+    from fedpeft.results import RunResults, completed_run, write_config
+
+    flat = {"model.name": "tiny-bert", "seed": 1, "output.dir": str(tmp_path)}
+    cfg = parse_run_config(flat)
+    write_config(tmp_path, cfg.to_flat(), cfg.seed)
+    record = json.loads((tmp_path / "config.json").read_text())
+    del record["config"]["train.device"]  # as written by a release before train.device
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    results = RunResults(tmp_path, strategy="fedit", task="classification")
+    results.add_round({"round": 0, "uplink_bytes": 0, "downlink_bytes": 0, "seconds": 0.0})
+    results.extra["outcome"] = "complete"
+    results.write()
+    assert completed_run(tmp_path, flat) is not None  # the new key at its default: same run
+    assert completed_run(tmp_path, {**flat, "train.device": "cpu"}) is None  # not the default
+    record["config"]["retired.key"] = 1  # a key this release no longer has
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    assert completed_run(tmp_path, flat) is None
