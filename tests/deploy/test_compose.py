@@ -70,6 +70,19 @@ def test_compose_file_is_valid(binary, certs):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_the_superlink_is_published_on_loopback_at_the_chosen_port(binary, certs):
+    env = {"FEDPEFT_CERTS": str(certs.directory), "SUPERLINK_PORT": "18123"}
+    args = [str(binary), "-f", str(COMPOSE), "config", "--format", "json"]
+    proc = subprocess.run(
+        args, capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    (port,) = json.loads(proc.stdout)["services"]["superlink"]["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "18123", 8000)
+
+
 def test_insecure_override_is_valid(binary, certs):
     proc = _config(binary, certs, COMPOSE, INSECURE)
     assert proc.returncode == 0, proc.stderr
@@ -167,7 +180,7 @@ def test_tls_and_authentication_are_on_and_addresses_match_certificate_sans(spec
     assert "--insecure" not in link and "--enable-supernode-auth" in link
     assert link["--isolation"] == "process"
     port = link["--port"]
-    assert any(p.endswith(f":{port}:{port}") for p in services["superlink"]["ports"])
+    assert services["superlink"]["ports"] == [f"127.0.0.1:{port}:{port}"]  # loopback by default
     sources = _secret_targets(services["superlink"])
     assert sources[link["--ssl-certfile"]] == "superlink-cert"
     assert sources[link["--ssl-keyfile"]] == "superlink-key"
@@ -257,12 +270,21 @@ for _tag in ("!reset", "!override"):
 def test_dockerfile_pins_torch_and_installs_data_without_deps():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"ARG TORCH_VERSION=2\.13\.0", text)
-    assert 'pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in text
+    assert 'pip-install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in text
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
-    assert "pip install --no-deps -r requirements-data.txt" in text
-    assert "pip install -c docker/constraints.txt ." in text
-    for copied in re.findall(r"^COPY (\S+)", text, re.M):
+    assert "pip-install --no-deps -r requirements-data.txt" in text
+    assert "pip-install -c docker/constraints.txt ." in text
+    # air-gapped build args (docker/e2e.sh builds with them, --network none)
+    assert "ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim-bookworm\n" in text
+    # two stages on the same base: the wheels and sources stay in the build stage
+    assert re.findall(r"^FROM (.*)$", text, re.M) == ["${BASE_IMAGE} AS build", "${BASE_IMAGE}"]
+    assert "COPY --from=build /opt/py /opt/py" in text
+    assert 'ARG WHEELS=""' in text and 'ARG EXTRA_CA=""' in text
+    for copied in re.findall(r"^COPY (?!--from)(\S+)", text, re.M):
+        copied = re.sub(r"\$\{\w+:-([^}]+)\}", r"\1", copied)  # ${ARG:-default}: the default
         assert (ROOT / copied).exists(), copied
+    helper = (ROOT / "docker" / "pip-install.sh").read_text()
+    assert "PIP_NO_INDEX=1 PIP_FIND_LINKS=/opt/wheels" in helper and "PIP_CERT=" in helper
     pins = (ROOT / "docker" / "constraints.txt").read_text().splitlines()
     names = {p.split("==")[0].lower() for p in pins if "==" in p}
     assert "torch" not in names and {"flwr", "transformers", "peft"} <= names
