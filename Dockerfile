@@ -29,6 +29,9 @@ ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim-bookworm
 
 # ---- build stage: the venv /opt/py with everything installed (the wheels stay here) ----
 FROM ${BASE_IMAGE} AS build
+# the classic builder keeps this stage as an untagged image: `docker image prune --filter
+# label=org.fedpeft.stage=build` removes it (docker/e2e.sh does)
+LABEL org.fedpeft.stage=build
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu

@@ -62,7 +62,13 @@ cleanup() {
     [ -n "$extra_node" ] && docker rm -f "$extra_node" >/dev/null 2>&1
     [ -n "${port:-}" ] && dc down -v --remove-orphans >/dev/null 2>&1
     if [ "${E2E_KEEP:-0}" != 1 ]; then
-        for image in "${built_images[@]}"; do docker rmi -f "$image" >/dev/null 2>&1; done
+        # the app image, its build stage (untagged), then the base it was built on
+        for image in "${built_images[@]}"; do
+            [ "$image" = "$base" ] && continue
+            docker rmi -f "$image" >/dev/null 2>&1
+        done
+        docker image prune -f --filter label=org.fedpeft.stage=build >/dev/null 2>&1
+        [[ " ${built_images[*]} " == *" $base "* ]] && docker rmi -f "$base" >/dev/null 2>&1
         rm -rf "$work" "$root/docker/wheels.e2e"
     else
         echo "[e2e] kept $work and images ${built_images[*]}" >&2
