@@ -24,6 +24,10 @@ Every child runs in its own session; :meth:`LocalDeployment.stop` sends SIGTERM 
 each child's process group, SIGKILL after ``stop_timeout`` seconds, then SIGKILL to
 any descendant still alive — on success, on failure, on Ctrl-C and on SIGTERM.
 Only processes this module started (and their children) are ever signalled.
+
+:meth:`LocalDeployment.kill_supernode` crashes one SuperNode mid-run (SIGKILL, as a
+power cut would) and :meth:`LocalDeployment.restart_supernode` starts it again with the
+same key, node config and ports (reconnection tests, ``tests/deploy/test_reconnect.py``).
 """
 
 from __future__ import annotations
@@ -147,6 +151,19 @@ class _Child:
     descendants: set[int] = field(default_factory=set)
 
 
+@dataclass
+class _Node:
+    """A started SuperNode: what it takes to start it again, and its processes."""
+
+    node: NodeFiles
+    port: int  # its Runtime API
+    cmd: list[str]
+    env: dict[str, str]
+    superexec_cmd: list[str] | None  # ``process`` isolation: its SuperExec
+    superexec_env: dict[str, str] | None
+    children: list[_Child] = field(default_factory=list)
+
+
 def _children_of(pid: int) -> set[int]:
     """PIDs whose parent is ``pid`` (Linux /proc; empty elsewhere)."""
     out = set()
@@ -233,6 +250,8 @@ class LocalDeployment:
         self.address = f"127.0.0.1:{self.port}"
         self.children: list[_Child] = []
         self.node_ids: dict[str, int] = {}
+        self.supernodes: dict[str, _Node] = {}
+        self._lock = threading.Lock()  # run()'s liveness check vs. kill_supernode()
         bin_dir = str(pathlib.Path(sys.executable).parent)
         base = {**os.environ, **_ENV, **(env or {})}
         base["PATH"] = f"{bin_dir}{os.pathsep}{base.get('PATH', '')}"
@@ -430,15 +449,111 @@ class LocalDeployment:
         if self.isolation == "process":
             cmd += ["--superexec-auth-secret-file", str(c.path(node.superexec_secret))]
         extra = {"OMP_NUM_THREADS": str(threads)} if threads else {}
-        child = self._spawn(node.name, cmd, self._env(node.name, extra))
-        if self.isolation == "process":
-            self._wait_port(child, port)
-            self._spawn(
-                f"superexec-clientapp-{node.partition_id + 1}",
-                self._superexec_cmd(port, node.superexec_secret),
-                self._env(f"superexec-{node.name}", extra),
+        process = self.isolation == "process"
+        spec = _Node(
+            node,
+            port,
+            cmd,
+            self._env(node.name, extra),
+            self._superexec_cmd(port, node.superexec_secret) if process else None,
+            self._env(f"superexec-{node.name}", extra) if process else None,
+        )
+        self.supernodes[node.name] = spec
+        return self._launch(spec)
+
+    def _launch(self, spec: _Node) -> _Child:
+        """Start ``spec``'s SuperNode (and its SuperExec unless it still runs); return
+        the SuperNode."""
+        child = self._spawn(spec.node.name, spec.cmd, spec.env)
+        survivors = [c for c in spec.children[1:] if c.popen.poll() is None]
+        spec.children = [child, *survivors]
+        if spec.superexec_cmd is not None and spec.superexec_env is not None and not survivors:
+            self._wait_port(child, spec.port)
+            spec.children.append(
+                self._spawn(
+                    f"superexec-clientapp-{spec.node.partition_id + 1}",
+                    spec.superexec_cmd,
+                    spec.superexec_env,
+                )
             )
         return child
+
+    def kill_supernode(self, name: str, superexec: bool = True) -> None:
+        """Crash SuperNode ``name``: SIGKILL to its process group, its SuperExec's
+        (``process`` isolation) and every descendant (the ClientApp processes).
+
+        Nothing is told to the SuperLink, exactly as after a power cut: it keeps the
+        node online until two heartbeat intervals (2 × 30 s in Flower 1.41) pass
+        without a heartbeat, then answers the node's pending messages with a "Node
+        Unavailable" error. :meth:`run` does not count the killed processes as
+        failures. Start the node again with :meth:`restart_supernode`.
+
+        Args:
+            name: the node's name (``supernode-<i>``).
+            superexec: also kill its SuperExec; ``False`` leaves it running, as when
+                only the SuperNode's container crashes in the compose layout (the
+                SuperExec retries the SuperNode's Runtime API, at most 20 s apart).
+
+        Raises:
+            KeyError: no SuperNode ``name`` was started.
+        """
+        spec = self.supernodes[name]
+        victims = spec.children if superexec else spec.children[:1]
+        with self._lock:
+            for child in victims:
+                child.daemon = False
+        for child in reversed(victims):
+            if child.popen.returncode is None:
+                child.descendants = _descendants(child.popen.pid)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.popen.pid, signal.SIGKILL)
+                child.popen.wait()
+            for pid in child.descendants:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        with self._lock:
+            self.children = [c for c in self.children if c not in victims]
+        self.echo(f"killed {name}{' and its SuperExec' if len(victims) > 1 else ''} (SIGKILL)")
+
+    def restart_supernode(self, name: str, offline_timeout: float = 120.0) -> _Child:
+        """Start SuperNode ``name`` again: same key, node config, Runtime-API port and
+        SuperExec (started again unless it survived); kill it first if it still runs.
+
+        Flower 1.41 activates a node only if the SuperLink has it as registered or
+        offline; a SuperNode started while its predecessor still counts as online (up
+        to 2 × 30 s after a crash) is refused — ``Exit Code: 305 … Failed to activate
+        SuperNode`` (HTTP 412, not retried), the same message as for an unknown key.
+        So this waits until ``flwr supernode list`` no longer shows the node online
+        (for a node registered through :meth:`register`; any other starts at once).
+
+        Args:
+            name: the node's name (``supernode-<i>``).
+            offline_timeout: seconds to wait for the SuperLink to mark it offline.
+
+        Raises:
+            KeyError: no SuperNode ``name`` was started.
+            FedPeftError: it was still online after ``offline_timeout`` seconds.
+        """
+        spec = self.supernodes[name]
+        if spec.children and spec.children[0].popen.poll() is None:
+            self.kill_supernode(name)
+        node_id = self.node_ids.get(name)
+        if node_id is not None:
+            started = time.monotonic()
+            deadline = started + offline_timeout
+            while True:
+                proc = self._cli("supernode", "list", CONNECTION, "--format", "json")
+                if proc.returncode == 0 and _node_status(proc.stdout).get(node_id) != "online":
+                    break
+                if time.monotonic() > deadline:
+                    raise FedPeftError(
+                        f"the SuperLink still lists {name} (node id {node_id}) as online "
+                        f"{offline_timeout:.0f} s after it was stopped"
+                    )
+                time.sleep(1.0)
+            waited = time.monotonic() - started
+            self.echo(f"the SuperLink lists {name} offline after {waited:.0f} s; restarting it")
+        return self._launch(spec)
 
     def wait_online(self, names: Sequence[str]) -> None:
         """Wait until the SuperLink lists every node in ``names`` as online.
@@ -484,9 +599,10 @@ class LocalDeployment:
                 if child.popen.poll() is not None:
                     self._pump(log)
                     return int(child.popen.returncode)
-                for other in self.children:
-                    if other.daemon:
-                        self._check_alive(other, "the run was in progress")
+                with self._lock:
+                    for other in self.children:
+                        if other.daemon:
+                            self._check_alive(other, "the run was in progress")
                 if deadline is not None and time.monotonic() > deadline:
                     raise FedPeftError(f"the run did not finish within {timeout:.0f} s")
                 time.sleep(0.2)

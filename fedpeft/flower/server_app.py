@@ -14,7 +14,8 @@ call into a :class:`~fedpeft.server.engine.RoundEngine` step:
 
 Two grid wrappers sit between Flower's grid and the adapter: ``FaultGrid`` drops
 replies as ``faults.drop-rate`` says (fault injection), ``ProgressGrid`` reports each
-reply as it arrives.
+reply as it arrives and hands an error the SuperLink wrote for a node (e.g. "Node
+Unavailable" after a SuperNode crashed) back as that node's error reply.
 """
 
 from __future__ import annotations
@@ -327,16 +328,18 @@ class ProgressGrid(ForwardingGrid):
         if not messages:
             return []
         try:
-            ids = set(self.inner.push_messages(messages))
+            pushed = list(self.inner.push_messages(messages))
         except NotImplementedError:  # a grid that only offers send_and_receive
             replies = list(self.inner.send_and_receive(messages, timeout=timeout))
             for r in replies:
                 self.observer.reply(self.current_round, r.metadata.src_node_id, not r.has_error())
             return replies
+        sent = {mid: m for mid, m in zip(pushed, messages, strict=False) if mid}
+        ids = set(sent)
         end = time.time() + (timeout if timeout is not None else 1e12)
         out: list[Message] = []
         while ids and time.time() < end:
-            got = list(self.inner.pull_messages(ids))
+            got = [on_behalf_of_node(r, sent) for r in self.inner.pull_messages(ids)]
             for r in got:
                 ids.discard(r.metadata.reply_to_message_id)
                 self.observer.reply(self.current_round, r.metadata.src_node_id, not r.has_error())
@@ -344,6 +347,30 @@ class ProgressGrid(ForwardingGrid):
             if ids:
                 time.sleep(self.pull_interval)
         return out
+
+
+def on_behalf_of_node(reply: Message, sent: Mapping[str, Message]) -> Message:
+    """``reply`` as the reply of the node its request went to.
+
+    When a SuperNode is gone, the SuperLink answers the messages addressed to it with
+    an error it writes itself ("Node Unavailable — … heartbeat"); Flower gives that
+    reply the SuperLink's node id (1) as sender. Re-addressed, the round engine counts
+    the failure once, for the right node, instead of a stray error from node 1 plus a
+    missing reply.
+
+    Args:
+        reply: a pulled reply.
+        sent: the pushed messages by message id.
+    """
+    request = sent.get(reply.metadata.reply_to_message_id)
+    if (
+        request is None
+        or not reply.has_error()
+        or reply.metadata.src_node_id == request.metadata.dst_node_id
+        or request.metadata.message_id != reply.metadata.reply_to_message_id
+    ):
+        return reply
+    return Message(reply.error, reply_to=request)
 
 
 def discover_nodes(grid: Grid, cfg: RunConfig) -> list[NodeInfo]:
