@@ -220,8 +220,11 @@ def test_a_superlink_error_counts_for_the_node_it_was_sent_to():
 @pytest.mark.integration
 @pytest.mark.parametrize(
     ("isolation", "superexec"),
-    [("process", True), ("subprocess", True), ("process", False)],
-    ids=["process", "subprocess", "process-superexec-survives"],
+    # the compose case (the SuperNode's container dies, its SuperExec stays up) and the
+    # whole node (SuperNode and every ClientApp) in deploy-local's default isolation;
+    # ("process", True) passed as well (2026-12-07) and is left out to keep CI short
+    [("subprocess", True), ("process", False)],
+    ids=["subprocess", "process-superexec-survives"],
 )
 def test_a_killed_supernode_rejoins_and_the_run_completes(tmp_path, isolation, superexec):
     r = _reconnect(tmp_path, isolation, superexec)
