@@ -388,6 +388,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="extra node config of the next node, repeatable (e.g. device.tier=slow)",
     )
     dep_p.add_argument("--work-dir", help="keep logs and state here (default: a temporary dir)")
+    dep_p.add_argument(
+        "--warm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fork each node's ClientApps from a warm zygote (default); --no-warm: Flower's "
+        "own cold flwr-clientapp process per message",
+    )
     dep_p.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     dep_p.add_argument(
         "--overwrite",
@@ -470,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work_dir=args.work_dir,
                 isolation=args.isolation,
                 node_configs=node_configs[: args.nodes],
+                warm=args.warm,
             )
         elif command == "config":
             from fedpeft.preflight import check_config

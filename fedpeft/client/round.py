@@ -24,6 +24,7 @@ from fedpeft.config import RunConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.registry import get_strategy
 from fedpeft.seeding import derive_seed
+from fedpeft.timings import mark
 from fedpeft.types import NUM_EXAMPLES, ClientPlan, TensorDict
 
 
@@ -82,6 +83,7 @@ def run_client_round(
         torch.set_num_threads(cfg.train.num_threads)
     task = get_task(cfg)
     model = task.model(plan.rank)
+    mark("model")
     algorithm = client_algorithm(cfg)
     downlink, uplink = build_codec(cfg.codec.downlink), build_codec(cfg.codec.uplink)
     down_ctx = CodecContext(
@@ -96,6 +98,7 @@ def run_client_round(
     start, trainable = opened
     model.load(start)
     train_data, _ = task.client_data(*partition)
+    mark("data")
     extra_metrics: dict[str, float] = {}
     local = (
         algorithm.local_round(task, model, train_data, trainable, plan, state)
@@ -110,6 +113,7 @@ def run_client_round(
         penalty = _penalty(cfg, algorithm, plan, start, c, c_i)
         result = task.train(model, train_data, trainable, plan.seed, penalty)
         trained = model.tensors()
+    mark("train")
     upload, new_state = finish_with_carry(algorithm, opened, trained, received, state, plan)
     if c:
         new_c_i, delta = scaffold.client_variates(start, trained, c, c_i, result.steps, cfg.train.lr)

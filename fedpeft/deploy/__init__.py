@@ -7,7 +7,10 @@
 * :mod:`fedpeft.deploy.local` — the compose topology as real processes on
   127.0.0.1 with TLS and SuperNode authentication, driven through Flower's command
   line tools (``flower-superlink``, ``flower-supernode``, ``flower-superexec``,
-  ``flwr``) — this package never imports ``flwr``.
+  ``flwr``) — this package never imports ``flwr``;
+* :mod:`fedpeft.deploy.zygote` — a per-node fork server and a ``flwr-clientapp``
+  shim that start Flower's per-message ClientApp processes warm (its Flower-facing
+  hooks are in :mod:`fedpeft.flower.warm_clientapp`).
 """
 
 from fedpeft.deploy.certs import CertManifest, add_supernodes, generate_certs, load_manifest

@@ -20,6 +20,13 @@ ServerApp / one ClientApp process per message themselves, as in FLOWER.md §9.1.
 one per SuperNode), connected over TLS and authenticated with the SuperExec shared
 secrets — the compose layout, exactly, on loopback.
 
+Warm ClientApps (``warm=True``, the default of :func:`deploy_local`): Flower starts a
+new ``flwr-clientapp`` process per message; a zygote per node
+(:mod:`fedpeft.deploy.zygote`) forks them instead, with the imports done and, after a
+run's first message, the model and data built. Its ``flwr-clientapp`` shim is first on
+the ``PATH`` of the node's launcher (the SuperNode, or its SuperExec in ``process``
+isolation); without an answering zygote the shim runs Flower's own.
+
 Every child runs in its own session; :meth:`LocalDeployment.stop` sends SIGTERM to
 each child's process group, SIGKILL after ``stop_timeout`` seconds, then SIGKILL to
 any descendant still alive — on success, on failure, on Ctrl-C and on SIGTERM.
@@ -50,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from fedpeft.config import FlatConfig, parse_run_config
+from fedpeft.deploy import zygote
 from fedpeft.deploy.certs import CertManifest, NodeFiles, generate_certs, load_manifest
 from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.types import Scalar
@@ -220,6 +228,10 @@ class LocalDeployment:
         echo: where progress lines go (``print`` by default; ``None`` for silence).
         startup_timeout: seconds to wait for a process to become ready.
         stop_timeout: seconds between SIGTERM and SIGKILL.
+        warm: start each node's ClientApps from a warm zygote (see
+            :mod:`fedpeft.deploy.zygote`): one zygote per node, with the environment of
+            the process that launches its ClientApps, and the ``flwr-clientapp`` shim
+            first on that process's ``PATH``.
     """
 
     def __init__(
@@ -232,6 +244,7 @@ class LocalDeployment:
         echo: Callable[[str], None] | None = print,
         startup_timeout: float = 90.0,
         stop_timeout: float = 10.0,
+        warm: bool = False,
     ) -> None:
         if isolation not in ISOLATIONS:
             raise ConfigError(
@@ -244,6 +257,8 @@ class LocalDeployment:
         self.echo = echo or (lambda line: None)
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
+        self.warm = warm
+        self.zygotes: dict[str, pathlib.Path] = {}  # node name -> socket
         self.logs = self.work_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -458,8 +473,42 @@ class LocalDeployment:
             self._superexec_cmd(port, node.superexec_secret) if process else None,
             self._env(f"superexec-{node.name}", extra) if process else None,
         )
+        if self.warm:
+            self._start_zygote(spec)
         self.supernodes[node.name] = spec
         return self._launch(spec)
+
+    def _start_zygote(self, spec: _Node) -> None:
+        """Start ``spec``'s zygote with the environment of its ClientApps' launcher (the
+        SuperNode, or its SuperExec in ``process`` isolation), then give that launcher
+        the shim first on ``PATH`` and the zygote's socket. Not waited for: until it
+        answers, the shim runs the real ``flwr-clientapp`` (see :meth:`wait_zygotes`)."""
+        bin_dir = self.work_dir / "bin"
+        zygote.install_shim(bin_dir)
+        sock = zygote.socket_path(self.work_dir, f"zygote-{spec.node.name}")
+        if spec.superexec_env is not None:
+            spec.superexec_env = zygote.launcher_env(spec.superexec_env, bin_dir, sock)
+            env = spec.superexec_env
+        else:
+            spec.env = zygote.launcher_env(spec.env, bin_dir, sock)
+            env = spec.env
+        self._spawn(f"zygote-{spec.node.name}", zygote.command(sock), env, daemon=False)
+        self.zygotes[spec.node.name] = sock
+
+    def wait_zygotes(self, timeout: float | None = None) -> int:
+        """Wait until every zygote answers (at most ``timeout`` s, default
+        ``startup_timeout``); return how many do. A zygote that is not ready only
+        means cold ClientApps."""
+        deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        ready = 0
+        for name, sock in self.zygotes.items():
+            proc = next(c.popen for c in self.children if c.name == f"zygote-{name}")
+            left = max(0.0, deadline - time.monotonic())
+            if zygote.wait_ready(sock, left, alive=lambda p=proc: p.poll() is None):
+                ready += 1
+            else:
+                self.echo(f"the zygote of {name} is not ready; its ClientApps start cold")
+        return ready
 
     def _launch(self, spec: _Node) -> _Child:
         """Start ``spec``'s SuperNode (and its SuperExec unless it still runs); return
@@ -696,6 +745,7 @@ def deploy_local(
     env: Mapping[str, str] | None = None,
     echo: Callable[[str], None] | None = print,
     run_timeout: float | None = None,
+    warm: bool = True,
 ) -> pathlib.Path:
     """Run ``flat_config`` on a real loopback deployment; return the results directory.
 
@@ -716,6 +766,10 @@ def deploy_local(
         env: extra environment of every process (e.g. ``FEDPEFT_CACHE``).
         echo: progress output (None: silent).
         run_timeout: seconds before the run is abandoned (None: no limit).
+        warm: start ClientApps from a warm zygote per node (Flower starts a process
+            per message; the zygote forks them with torch, transformers, peft and flwr
+            imported and, after a run's first message, its model and data built);
+            False: Flower's cold ``flwr-clientapp`` for every message.
 
     Raises:
         ConfigError: the config is invalid or names keys ``flwr run`` cannot take.
@@ -774,7 +828,7 @@ def deploy_local(
     started = time.perf_counter()
     with (
         _terminate_on_signals(),
-        LocalDeployment(manifest, work, app, isolation, env, echo=echo) as dep,
+        LocalDeployment(manifest, work, app, isolation, env, echo=echo, warm=warm) as dep,
     ):
         dep.start_superlink()
         chosen = manifest.nodes[:nodes]
@@ -783,6 +837,8 @@ def deploy_local(
         for i, node in enumerate(chosen):
             dep.start_supernode(node, nodes, (node_configs or [{}] * nodes)[i], threads=threads)
         dep.wait_online([n.name for n in chosen])
+        if warm:
+            say(f"{dep.wait_zygotes()} of {nodes} warm ClientApp zygotes ready")
         code = dep.run(run_config, timeout=run_timeout)
         summary = results / "summary.json"
         if code != 0 or not summary.exists():

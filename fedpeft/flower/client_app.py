@@ -30,6 +30,7 @@ from fedpeft.config import RunConfig, parse_run_config
 from fedpeft.errors import FedPeftError
 from fedpeft.faults import draw_fault
 from fedpeft.flower import records as rec
+from fedpeft.timings import mark
 
 _CONFIGS: dict[frozenset[tuple[str, Any]], RunConfig] = {}
 
@@ -39,8 +40,14 @@ NODE_KEYS = ("train.device",)
 
 
 def _config(context: Context, bound: Mapping[str, Any]) -> RunConfig:
-    node = {k: context.node_config[k] for k in NODE_KEYS if k in context.node_config}
-    flat = {**dict(context.run_config), **bound, **node}
+    return _config_of(context.run_config, context.node_config, bound)
+
+
+def _config_of(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any], bound: Mapping[str, Any]
+) -> RunConfig:
+    node = {k: node_config[k] for k in NODE_KEYS if k in node_config}
+    flat = {**dict(run_config), **bound, **node}
     key = frozenset((k, v) for k, v in flat.items())
     if key not in _CONFIGS:
         _CONFIGS[key] = parse_run_config(flat)
@@ -48,8 +55,58 @@ def _config(context: Context, bound: Mapping[str, Any]) -> RunConfig:
 
 
 def _partition(context: Context) -> tuple[int, int]:
-    node_config = context.node_config
+    return _partition_of(context.node_config)
+
+
+def _partition_of(node_config: Mapping[str, Any]) -> tuple[int, int]:
     return int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", 1))
+
+
+def warm_hint(msg: Message, context: Context) -> dict[str, Any] | None:
+    """What a warm zygote should build so this node's next message finds it loaded.
+
+    Flower starts a process per message in deployment; :mod:`fedpeft.flower.warm_clientapp`
+    forks them from a zygote and calls this before each message: the run config, the
+    node config and the adapter rank (the plan's for ``train``/``evaluate``; for the
+    run's first message, ``query.hello``, the rank the config gives this partition).
+    Only the deployed app (no ``bound`` overrides) is warmed.
+    """
+    kind = msg.metadata.message_type.split(".", 1)[0]
+    rank = None
+    if kind in ("train", "evaluate"):
+        rank = rec.config_to_plan(msg.content[rec.CONFIG], context.node_id).rank
+    elif kind != "query":
+        return None
+    return {
+        "run_config": dict(context.run_config),
+        "node_config": dict(context.node_config),
+        "rank": rank,
+    }
+
+
+def warm(hint: Mapping[str, Any]) -> None:
+    """Build the model and this node's data for ``hint`` (see :func:`warm_hint`) into the
+    per-process cache, exactly as the ``train``/``evaluate`` handlers would.
+
+    The model only on CPU: with a CUDA (or ROCm) build of torch and ``train.device``
+    other than ``cpu``, resolving the device initialises the CUDA driver, after which
+    the zygote's forked children could not use CUDA; then only the data is warmed.
+    """
+    import torch
+
+    from fedpeft.tasks import get_task
+
+    cfg = _config_of(hint["run_config"], hint["node_config"], {})
+    pid, num = _partition_of(hint["node_config"])
+    rank = hint["rank"]
+    if rank is None:
+        ranks = cfg.lora.rank_list
+        rank = ranks[pid % len(ranks)] if ranks else cfg.lora.r
+    task = get_task(cfg)
+    gpu_torch = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
+    if cfg.train.device == "cpu" or not gpu_torch:
+        task.model(int(rank))
+    task.client_data(pid, num)
 
 
 def _client_state(context: Context) -> dict[str, Any]:
@@ -72,6 +129,7 @@ def handle_hello(msg: Message, context: Context, bound: Mapping[str, Any]) -> Me
 def handle_train(msg: Message, context: Context, bound: Mapping[str, Any]) -> Message:
     """One round of local training."""
     started = time.perf_counter()
+    mark("handler-start", message_type="train")
     cfg = _config(context, bound)
     config = msg.content[rec.CONFIG]
     server_round = int(config[rec.SERVER_ROUND])
@@ -102,6 +160,7 @@ def handle_train(msg: Message, context: Context, bound: Mapping[str, Any]) -> Me
     content = RecordDict(
         {rec.ARRAYS: arrays, rec.CODEC: meta, rec.METRICS: rec.metrics_record(out.metrics)}
     )
+    mark("handler-end")
     return Message(content, reply_to=msg)
 
 
@@ -167,5 +226,5 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 app = make_client_app()
 """The ClientApp ``flwr run`` loads (``[tool.flwr.app.components]``)."""
 
-__all__ = ["app", "make_client_app"]
+__all__ = ["app", "make_client_app", "warm", "warm_hint"]
 
