@@ -50,6 +50,7 @@ _STATE: dict[str, Any] = {
     "project": None,  # FAB directory the zygote's app modules come from
     "run_id": None,  # the run they were warmed for
     "hints": [],  # JSON of every hint warmed for that run
+    "paths": [],  # the FAB directory this module put on sys.path
 }
 TIMINGS_ENV = "FEDPEFT_CLIENT_TIMINGS"
 """Same as :data:`fedpeft.timings.ENV`: if set to a file, a child appends
@@ -115,7 +116,7 @@ def use_project(project: pathlib.Path, keep: bool) -> None:
     ``keep``: reuse modules already imported from ``project``; otherwise drop them too
     (a fresh import, as in a new process). Modules of those packages imported from
     anywhere else (e.g. fedpeft's own installation, which the zygote itself runs from)
-    are always dropped, and other FAB directories leave ``sys.path``.
+    are always dropped, and a FAB directory put on ``sys.path`` before leaves it.
     """
     names = app_packages(project)
     foreign = {
@@ -124,10 +125,11 @@ def use_project(project: pathlib.Path, keep: bool) -> None:
         if m.split(".", 1)[0] in names and not (keep and _under(mod, project))
     }
     forget_modules(foreign)
-    apps = str(project.parent)
-    sys.path[:] = [p for p in sys.path if not (p.startswith(apps + os.sep) and p != str(project))]
+    stale = set(_STATE["paths"]) - {str(project)}  # FAB directories inserted before
+    sys.path[:] = [p for p in sys.path if p not in stale]
     if str(project) not in sys.path:
         sys.path.insert(0, str(project))
+    _STATE["paths"] = [str(project)]
 
 
 def _app_module(project: pathlib.Path) -> str:

@@ -257,11 +257,13 @@ def _fake_project(root: pathlib.Path, name: str, marker: str) -> pathlib.Path:
 
 
 def test_warm_imports_the_app_from_its_fab_and_forgets_it_for_another_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "path", list(sys.path))
+    sibling = tmp_path / "apps" / "site-packages"  # a path beside the FAB dirs must stay
+    monkeypatch.setattr(sys, "path", [*sys.path, str(sibling)])
+    before = list(sys.path)
     monkeypatch.setattr(
         warm_clientapp,
         "_STATE",
-        {**warm_clientapp._STATE, "project": None, "run_id": None, "hints": []},
+        {**warm_clientapp._STATE, "project": None, "run_id": None, "hints": [], "paths": []},
     )
     one, two = _fake_project(tmp_path, "a.one", "one"), _fake_project(tmp_path, "a.two", "two")
     try:
@@ -277,6 +279,7 @@ def test_warm_imports_the_app_from_its_fab_and_forgets_it_for_another_run(tmp_pa
         # another FAB: its own code, and the other FAB directory leaves sys.path
         warm_clientapp.warm({"project": str(two), "run_id": 2, "hint": {"r": 8}})
         assert sys.modules["zyapp"].MARKER == "two" and str(one) not in sys.path
+        assert sys.path == [str(two), *before]
         # what a child does for a message of another run: drop the warmed modules
         warm_clientapp.use_project(two, keep=False)
         assert "zyapp" not in sys.modules
