@@ -86,6 +86,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 COPY --from=build /opt/py /opt/py
 
+# 5. warm ClientApps (docs/deployment.md "Warm ClientApps"): the flwr-clientapp shim that
+#    the ClientApp SuperExecs put first on PATH, and their entrypoint (zygote, then superexec).
+RUN python -c "from fedpeft.deploy.zygote import install_shim; install_shim('/opt/fedpeft-warm/bin')"
+COPY docker/warm-superexec.sh /usr/local/bin/fedpeft-warm-superexec
+RUN chmod 0755 /usr/local/bin/fedpeft-warm-superexec
+
 # 4. the compose registration job's script.
 COPY docker/register-supernodes.sh /usr/local/bin/register-supernodes
 RUN chmod 0755 /usr/local/bin/register-supernodes

@@ -13,6 +13,7 @@
 #  5. `flwr run` from the host, TLS, against the SuperLink published on 127.0.0.1 (a free
 #     port), 2 rounds; `summary.json` (outcome complete) and `adapter/` in the mounted runs
 #     folder; the round losses equal `fedpeft simulate` of the same config and seed;
+#     the ClientApps forked from each node's warm zygote (docker/warm-superexec.sh);
 #  6. an extra SuperNode with the unregistered key is refused by the SuperLink;
 #  7. `docker compose down -v`, the images it built removed, the engine it started stopped.
 #
@@ -176,6 +177,14 @@ for d, s in zip(dep["rounds"], sim["rounds"]):
           f"accuracy {d['accuracy']:.4f} (simulation {s['accuracy']:.4f})")
 EOF
 say "flwr run (2 rounds, TLS) in $run_s s, fedpeft simulate in $sim_s s: same losses"
+# the ClientApps came from each node's warm zygote (docker/warm-superexec.sh), none refused
+for i in 1 2; do
+    zlog="$(dc logs --no-color "superexec-clientapp-$i" 2>&1 | grep 'zygote\[' || true)"
+    grep -q "preloaded in" <<<"$zlog" || fail "superexec-clientapp-$i: no warm zygote: $(dc logs --no-color --tail 5 "superexec-clientapp-$i" 2>&1)"
+    grep -q "warm done in" <<<"$zlog" || fail "superexec-clientapp-$i: the zygote never warmed a task"
+    ! grep -q "refused a ClientApp\|warm failed" <<<"$zlog" || fail "superexec-clientapp-$i: $(grep -m1 'refused\|warm failed' <<<"$zlog")"
+done
+say "warm ClientApps: each node's zygote preloaded and warmed the task ($(dc logs --no-color superexec-clientapp-1 2>&1 | grep -o 'warm done in [0-9.]* s' | head -1))"
 
 # 6. a SuperNode with a key the SuperLink never registered is refused ------------------------
 extra_node="$project-unregistered"
