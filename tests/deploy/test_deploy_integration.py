@@ -14,6 +14,7 @@ import pytest
 
 from fedpeft.deploy.certs import generate_certs
 from fedpeft.deploy.local import LocalDeployment, deploy_local
+from tests.support.procs import processes_with_env
 
 pytestmark = pytest.mark.integration
 
@@ -28,17 +29,6 @@ TINY = {
 }
 REL_TOL = 1e-4
 """Deployment and simulation must agree to this relative tolerance (observed: exactly)."""
-
-
-def _processes_with_env(marker: str) -> list[int]:
-    found = []
-    for entry in pathlib.Path("/proc").glob("[0-9]*"):
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +99,7 @@ def test_same_seeds_give_the_same_results_as_the_simulation(deployed, tmp_path):
 def test_every_started_process_was_stopped(deployed):
     _, _, work = deployed
     assert (work / "logs" / "superlink.log").exists()
-    assert _processes_with_env(f"FLWR_HOME={work}") == []
+    assert processes_with_env(f"FLWR_HOME={work}") == []
 
 
 def test_registration_script_and_an_unregistered_node_is_refused(tmp_path):

@@ -35,6 +35,7 @@ from fedpeft.deploy.certs import generate_certs
 from fedpeft.deploy.local import LocalDeployment
 from fedpeft.flower.server_app import ForwardingGrid, ProgressGrid, reply_of
 from fedpeft.server.listeners import Observer
+from tests.support.procs import processes_with_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ROUNDS = 4
@@ -67,17 +68,6 @@ def _details(results: pathlib.Path) -> list[dict]:
         return []
     text = path.read_text()
     return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
-
-
-def _processes_with_env(marker: str) -> list[int]:
-    found = []
-    for entry in pathlib.Path("/proc").glob("[0-9]*"):
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def _cmdline(pid: int) -> str:
@@ -266,6 +256,6 @@ def test_a_killed_supernode_rejoins_and_the_run_completes(tmp_path, isolation, s
     # everything started was stopped, restarted processes included (descendants in
     # their own session, e.g. the SuperLink's SuperExec, get SIGKILL last: let them exit)
     deadline = time.monotonic() + 15
-    while (left := _processes_with_env(f"FLWR_HOME={r['work']}")) and time.monotonic() < deadline:
+    while (left := processes_with_env(f"FLWR_HOME={r['work']}")) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert left == [], [_cmdline(pid) for pid in left]

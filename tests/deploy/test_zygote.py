@@ -16,6 +16,7 @@ import pytest
 
 from fedpeft.deploy import zygote
 from fedpeft.flower import warm_clientapp
+from tests.support.procs import processes_with_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -326,17 +327,6 @@ TINY = {
 }
 
 
-def _processes_with_env(marker: str) -> list[int]:
-    found = []
-    for entry in pathlib.Path("/proc").glob("[0-9]*"):
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from fedpeft.deploy.local import deploy_local
@@ -401,5 +391,5 @@ def test_every_started_process_was_stopped_including_zygotes(runs):
     for path, _ in runs.values():
         work = path / "work"
         assert (work / "logs" / "superlink.log").exists()
-        assert _processes_with_env(f"FLWR_HOME={work}") == []
+        assert processes_with_env(f"FLWR_HOME={work}") == []
     assert not list((runs["warm"][0] / "work").glob("*.sock"))
