@@ -140,10 +140,15 @@ def _budget(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def score(method: str, summary: Mapping[str, Any]) -> float | None:
-    """The final accuracy a method is judged by (personalised for FedSA-LoRA)."""
-    last = summary["rounds"][-1]
-    key = "client_accuracy" if method in PERSONALISED else "accuracy"
-    value = last.get(key)
+    """The final accuracy a method's learning rate is tuned by (personalised for
+    FedSA-LoRA, whose model is each client's own)."""
+    return final(summary, "client_accuracy" if method in PERSONALISED else "accuracy")
+
+
+def final(summary: Mapping[str, Any], key: str = "accuracy") -> float | None:
+    """The last round's ``key``: ``accuracy`` (the global model on the test set, what
+    every method is compared by) or ``client_accuracy`` (personalised)."""
+    value = summary["rounds"][-1].get(key)
     return None if value is None else float(value)
 
 
@@ -248,7 +253,7 @@ def long_runs(args: argparse.Namespace, base: dict[str, Any], results: dict[str,
     table = results["splits"].get("dirichlet-0.1", {})
     ranked = sorted(
         (m for m in table if m != "fedit"),
-        key=lambda m: -statistics.fmean(score(m, s) or 0.0 for s in table[m]["runs"].values()),
+        key=lambda m: -statistics.fmean(final(s) or 0.0 for s in table[m]["runs"].values()),
     )
     chosen = ["fedit", *ranked[: args.long_top]]
     out: dict[str, Any] = {}
@@ -258,7 +263,7 @@ def long_runs(args: argparse.Namespace, base: dict[str, Any], results: dict[str,
         flat = run_config(base, "dirichlet-0.1", method, tuned, lr, int(args.seeds.split(",")[0]))
         rec = run({**flat, "federation.rounds": args.long_rounds}, args.out / "runs" / "long" / method)
         out[method] = {"lr": lr, "summary": rec["summary"]}
-        print(f"long {method}: {score(method, rec['summary'])}", flush=True)
+        print(f"long {method}: {final(rec['summary'])}", flush=True)
     return out
 
 
@@ -278,7 +283,13 @@ def render(results: dict[str, Any]) -> str:
     ]
     ran = {m for table in results["splits"].values() for m in table}
     if ran & PERSONALISED:  # say only what applies to the methods that ran
-        lines[-1] += " FedSA-LoRA: personalised accuracy (each client's own B on its own held-out share)."
+        lines[-1] += (
+            " Final accuracy and Δ: the global model on the test set, for every method."
+            " Personalised: each client's own model (FedSA-LoRA: its own B) on its own"
+            " held-out share, averaged over clients — under label skew a client's share"
+            " holds one or two classes, so it is not comparable with the global column"
+            " (FedSA-LoRA's rate is tuned by it)."
+        )
     if any("scaffold" in m for m in ran):
         lines[-1] += " SCAFFOLD runs under SGD: compare fedit-sgd+scaffold with fedit-sgd."
     for split, table in results["splits"].items():
@@ -286,20 +297,25 @@ def render(results: dict[str, Any]) -> str:
         if split in REFERENCE:
             lines.append(f"Reference FedAvg (plain Flower + peft): {REFERENCE[split]}; centralised {CENTRALISED}.")
             lines.append("")
-        lines.append("| method | tuned value | final accuracy | Δ vs fedit [95 % CI] | agg error | up / down KB per client-round |")
-        lines.append("|---|---|---|---|---|---|")
+        personal = bool(set(table) & PERSONALISED)
+        lines.append(
+            "| method | tuned value | final accuracy | Δ vs fedit [95 % CI] | "
+            + ("personalised | " if personal else "")
+            + "agg error | up / down KB per client-round |"
+        )
+        lines.append("|---|---|---|---|" + ("---|" if personal else "") + "---|---|")
         base_runs = table.get("fedit", {}).get("runs", {})
         for method, row in table.items():
-            accs = {s: score(method, r) for s, r in row["runs"].items()}
+            accs = {s: final(r) for s, r in row["runs"].items()}
             values = [a for a in accs.values() if a is not None]
             mean = statistics.fmean(values) if values else float("nan")
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             diff = "—"
             if method != "fedit" and base_runs:
                 diffs = [
-                    accs[s] - score("fedit", base_runs[s])
+                    accs[s] - final(base_runs[s])
                     for s in accs
-                    if s in base_runs and accs[s] is not None and score("fedit", base_runs[s]) is not None
+                    if s in base_runs and accs[s] is not None and final(base_runs[s]) is not None
                 ]
                 if diffs:
                     d, half = paired(diffs)
@@ -312,15 +328,22 @@ def render(results: dict[str, Any]) -> str:
             ]
             err = f"{statistics.fmean(errors):.3f}" if errors else "—"
             up, down = per_round_bytes(next(iter(row["runs"].values())))
+            own = ""
+            if personal:
+                mine = [v for r in row["runs"].values() if (v := final(r, "client_accuracy")) is not None]
+                own = "— | "
+                if mine:
+                    spread = statistics.stdev(mine) if len(mine) > 1 else 0.0
+                    own = f"{statistics.fmean(mine):.3f} ± {spread:.3f} | "
             lines.append(
-                f"| {method} | {row.get('tuned', 'train.lr')} {row['lr']:g} | {mean:.3f} ± {sd:.3f} | {diff} | {err} | "
+                f"| {method} | {row.get('tuned', 'train.lr')} {row['lr']:g} | {mean:.3f} ± {sd:.3f} | {diff} | {own}{err} | "
                 f"{up / 1e3:,.0f} / {down / 1e3:,.0f} |"
             )
     if "long" in results:
         lines += ["", "## Longer runs (Dirichlet α = 0.1)", "", "| method | lr | rounds | final accuracy |", "|---|---|---|---|"]
         for method, rec in results["long"].items():
             rounds = rec["summary"]["rounds"][-1]["round"]
-            lines.append(f"| {method} | {rec['lr']:g} | {rounds} | {score(method, rec['summary'])} |")
+            lines.append(f"| {method} | {rec['lr']:g} | {rounds} | {final(rec['summary'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -334,8 +357,7 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> None:
     for split, table in results["splits"].items():
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for method, row in table.items():
-            key = "client_accuracy" if method in PERSONALISED else "accuracy"
-            curves = [[r.get(key) for r in s["rounds"]] for s in row["runs"].values()]
+            curves = [[r.get("accuracy") for r in s["rounds"]] for s in row["runs"].values()]
             rounds = [r["round"] for r in next(iter(row["runs"].values()))["rounds"]]
             mean = [
                 statistics.fmean(v for v in col if v is not None) if any(v is not None for v in col) else None

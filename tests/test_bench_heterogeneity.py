@@ -52,6 +52,32 @@ def test_the_report_header_names_fedsa_and_scaffold_only_when_they_ran():
     assert "SCAFFOLD runs under SGD" in both and "FedSA-LoRA" not in both
 
 
+def test_fedsa_is_compared_by_its_global_accuracy_and_its_personalised_one_is_beside_it():
+    """A client's own share under label skew holds one or two classes: its personalised
+    accuracy (0.98 at α = 0.1) must not be set against FedIT's global test accuracy."""
+
+    def summary(acc, own=None):
+        last = {"round": 1, "accuracy": acc, "uplink_bytes": 8, "downlink_bytes": 8}
+        if own is not None:
+            last["client_accuracy"] = own
+        return {"clients": 4, "rounds": [last]}
+
+    fedit = {"tuned": "train.lr", "lr": 5e-4, "runs": {0: summary(0.55), 1: summary(0.51)}}
+    fedsa = {"tuned": "train.lr", "lr": 1e-3, "runs": {0: summary(0.45, 0.98), 1: summary(0.49, 0.76)}}
+    results = {"budget": bench.budget(bench.parser().parse_args([])), "lrs": [1e-3], "seeds": [0, 1]}
+    report = bench.render({**results, "splits": {"dirichlet-0.1": {"fedit": fedit, "fedsa-lora": fedsa}}})
+    row = next(line for line in report.splitlines() if line.startswith("| fedsa-lora |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "0.470 ± 0.028"  # global accuracy
+    assert cells[3].startswith("-0.060")  # paired Δ of global accuracies
+    assert cells[4] == "0.870 ± 0.156"  # personalised, beside it
+    fedit_cells = [c.strip() for c in next(
+        line for line in report.splitlines() if line.startswith("| fedit |")
+    ).strip("|").split("|")]
+    assert fedit_cells[4] == "—"  # FedIT has no personalised figure
+    assert bench.score("fedsa-lora", fedsa["runs"][0]) == 0.98  # tuning: its own measure
+
+
 def _benchmark_run(split: str, method: str, lr: float, seed: int) -> dict:
     """The resolved config of the benchmark's test-set run at its default budget."""
     from fedpeft.config import parse_run_config
