@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import json
 import os
+import pathlib
 import time
 from typing import Any
 
@@ -25,8 +26,8 @@ _STARTED: set[int] = set()
 def process_start() -> float | None:
     """When this process started (fork or exec), in seconds since the epoch (Linux)."""
     try:
-        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
-        uptime = float(open("/proc/uptime").read().split()[0])
+        fields = pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(pathlib.Path("/proc/uptime").read_text().split()[0])
     except (OSError, IndexError, ValueError):
         return None
     ticks = os.sysconf("SC_CLK_TCK")
