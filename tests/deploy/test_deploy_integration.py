@@ -14,19 +14,11 @@ import pytest
 
 from fedpeft.deploy.certs import generate_certs
 from fedpeft.deploy.local import LocalDeployment, deploy_local
-from tests.support.procs import processes_with_env
+from tests.support.procs import TINY_DEPLOY, processes_with_env
 
 pytestmark = pytest.mark.integration
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TINY = {
-    "model.name": "tiny-bert",
-    "data.max-examples": "32",
-    "data.test-size": "100",
-    "train.local-steps": "4",
-    "train.lr": "5e-3",
-    "seed": "3",
-}
 REL_TOL = 1e-4
 """Deployment and simulation must agree to this relative tolerance (observed: exactly)."""
 
@@ -36,7 +28,7 @@ def deployed(tmp_path_factory):
     base = tmp_path_factory.mktemp("deploy")
     lines: list[str] = []
     results = deploy_local(
-        TINY,
+        TINY_DEPLOY,
         nodes=2,
         rounds=2,
         out_dir=base / "run",
@@ -74,7 +66,7 @@ def test_same_seeds_give_the_same_results_as_the_simulation(deployed, tmp_path):
 
     results, _, _ = deployed
     flat = {
-        **TINY,
+        **TINY_DEPLOY,
         "federation.rounds": 2,
         "federation.clients": 2,
         "output.dir": str(tmp_path / "sim"),

@@ -24,16 +24,9 @@ from fedpeft.deploy.local import (
     render_run_config,
 )
 from fedpeft.errors import ConfigError
+from tests.support.procs import alive
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 def test_run_config_file_is_read_back_by_flower_with_types(tmp_path):
@@ -107,10 +100,10 @@ def test_stop_ends_the_whole_process_tree(tmp_path):
         pids = [child.popen.pid, *_descendants(child.popen.pid)]
         assert len(pids) == 3
     for _ in range(50):
-        if not any(_alive(p) for p in pids):
+        if not any(alive(p) for p in pids):
             break
         time.sleep(0.1)
-    assert not any(_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
     assert dep.children == []
 
 
@@ -143,13 +136,13 @@ def test_a_signal_to_the_driver_stops_every_child(tmp_path, signum):
     )
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
-        assert len(pids) == 3 and all(_alive(p) for p in pids)
+        assert len(pids) == 3 and all(alive(p) for p in pids)
         os.kill(proc.pid, signum)
         assert proc.wait(timeout=30) != 0
     finally:
         if proc.poll() is None:
             proc.kill()
     deadline = time.monotonic() + 10  # a loaded machine reaps children slowly
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)

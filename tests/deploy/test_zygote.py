@@ -16,17 +16,9 @@ import pytest
 
 from fedpeft.deploy import zygote
 from fedpeft.flower import warm_clientapp
-from tests.support.procs import processes_with_env
+from tests.support.procs import TINY_DEPLOY, alive, processes_with_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 def _fake_real(directory: pathlib.Path) -> pathlib.Path:
@@ -145,13 +137,13 @@ def test_signals_reach_the_child_and_a_killed_shim_takes_its_child_along(shim_en
     for how in (signal.SIGTERM, signal.SIGKILL):
         run = subprocess.Popen([str(shim), "sleep"], env=env, stdout=subprocess.PIPE, text=True)
         child = json.loads(run.stdout.readline())["pid"]
-        assert _alive(child)
+        assert alive(child)
         run.send_signal(how)
         run.wait(timeout=30)
         deadline = time.monotonic() + 10
-        while _alive(child) and time.monotonic() < deadline:
+        while alive(child) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(child), how
+        assert not alive(child), how
         if how == signal.SIGTERM:
             assert run.returncode == -signal.SIGTERM
     time.sleep(0.2)
@@ -179,7 +171,7 @@ def test_stopping_the_zygote_stops_its_children_and_removes_the_socket(shim_env,
     child = json.loads(run.stdout.readline())["pid"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
-    assert not _alive(child) and not sock.exists()
+    assert not alive(child) and not sock.exists()
     assert run.wait(timeout=10) == -signal.SIGTERM
 
 
@@ -317,14 +309,6 @@ def test_the_client_warm_hook_fills_exactly_the_cache_the_handlers_read(monkeypa
 
 # -- a real deployment, warm and cold ---------------------------------------------------
 
-TINY = {
-    "model.name": "tiny-bert",
-    "data.max-examples": "32",
-    "data.test-size": "100",
-    "train.local-steps": "4",
-    "train.lr": "5e-3",
-    "seed": "3",
-}
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +324,7 @@ def runs(tmp_path_factory):
     ):
         started = time.perf_counter()
         deploy_local(
-            TINY,
+            TINY_DEPLOY,
             nodes=2,
             rounds=2,
             out_dir=base / name / "run",
