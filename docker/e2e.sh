@@ -28,7 +28,9 @@ cd "$(dirname "$0")/.."
 root="$(pwd)"
 t0=$(date +%s)
 say() { echo "[e2e $(( $(date +%s) - t0 ))s] $*"; }
-fail() { echo "[e2e] FAIL: $*" >&2; exit 1; }
+failure=""
+# the reason is printed now and again as the last line (after the compose logs of cleanup)
+fail() { failure="$*"; echo "[e2e] FAIL: $*" >&2; exit 1; }
 
 py="$root/.venv/bin/python"
 fedpeft="$root/.venv/bin/fedpeft"
@@ -80,7 +82,8 @@ cleanup() {
         kill -9 "$dockerd_pid" 2>/dev/null
         say "stopped the dockerd this test started (pid $dockerd_pid)"
     fi
-    [ "$code" -eq 0 ] && say "PASS in $(( $(date +%s) - t0 )) s" || echo "[e2e] FAILED (exit $code)" >&2
+    [ "$code" -eq 0 ] && say "PASS in $(( $(date +%s) - t0 )) s" \
+        || echo "[e2e] FAILED (exit $code)${failure:+: $failure}" >&2
     exit "$code"
 }
 trap cleanup EXIT
@@ -202,9 +205,12 @@ done
 case "$status" in
     "exited 0"|running*) fail "the unregistered SuperNode was not refused ($status)" ;;
 esac
-docker logs "$extra_node" 2>&1 | grep -q "Failed to activate\|Exit Code: 305\|UNAUTHENTICATED\|PERMISSION_DENIED" \
-    || fail "the unregistered SuperNode exited ($status) without an authentication refusal: $(docker logs "$extra_node" 2>&1 | tail -5)"
-say "unregistered SuperNode refused ($status): $(docker logs "$extra_node" 2>&1 | grep -m1 -o 'Exit Code: 305[^.]*\|Failed to activate[^.]*')"
+# the logs are read once into a variable: `docker logs | grep -q` under pipefail fails
+# whenever grep exits at its first match before docker logs has written everything (SIGPIPE)
+extra_log="$(docker logs "$extra_node" 2>&1 || true)"
+grep -q "Failed to activate\|Exit Code: 305\|UNAUTHENTICATED\|PERMISSION_DENIED" <<<"$extra_log" \
+    || fail "the unregistered SuperNode exited ($status) without an authentication refusal: $(tail -5 <<<"$extra_log")"
+say "unregistered SuperNode refused ($status): $(grep -m1 -o 'Exit Code: 305[^.]*\|Failed to activate[^.]*' <<<"$extra_log" || true)"
 
 # 7. down ---------------------------------------------------------------------------------
 dc down -v --remove-orphans >/dev/null 2>&1 || fail "docker compose down -v"
