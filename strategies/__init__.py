@@ -15,6 +15,7 @@ from strategies import (
     flora,
     hetlora,
     lora_fair,
+    lora_sb,
 )
 
-__all__ = ["fedex_lora", "fedit", "fedsa_lora", "fedspine", "ferret", "ffa_lora", "flexlora", "flora", "hetlora", "lora_fair"]
+__all__ = ["fedex_lora", "fedit", "fedsa_lora", "fedspine", "ferret", "ffa_lora", "flexlora", "flora", "hetlora", "lora_fair", "lora_sb"]
