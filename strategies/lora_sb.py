@@ -33,9 +33,9 @@ asking for it is refused at config time.
 
 **A and B never cross the wire.** Both ends derive them from the run seed, so a
 client needs no state. To fail loudly rather than train in a different basis
-(another seed, model or torch build on some node), every payload carries an 8-byte
-fingerprint of the server's A and B (``aux.lora-sb.basis``, an int64 that lossy
-codecs pass through untouched) and the client refuses a round whose own A, B
+(another seed, model or torch build on some node), every payload carries a 24-bit
+fingerprint of the server's A and B (``aux.lora-sb.basis``, one int64 that lossy
+codecs pass through untouched, exact in float32 too) and the client refuses a round whose own A, B
 fingerprint differs.
 
 **Wire keys.** The r×r matrix R of module ``m`` travels under ``m.lora_B.weight``
@@ -169,7 +169,12 @@ def bases(seed: int, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def fingerprint(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """An int64 ``(1,)`` digest of the frozen factors: ``a`` and ``b`` keyed by module."""
+    """An int64 ``(1,)`` digest of the frozen factors (``a`` and ``b`` keyed by module).
+
+    24 bits, so it is exact in float32 too: a lossy chain coding the downlink as a
+    delta against what the client holds turns it into ``ref.float() + 0``. A chance
+    collision (2⁻²⁴) only matters for a node that is misconfigured anyway.
+    """
     h = hashlib.sha256()
     for module in sorted(b):
         h.update(module.encode())
@@ -177,7 +182,7 @@ def fingerprint(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) ->
             t = t.detach().to("cpu", torch.float32).contiguous()
             h.update(repr(tuple(t.shape)).encode())
             h.update(t.numpy().tobytes())
-    return torch.tensor([int.from_bytes(h.digest()[:8], "little", signed=True)], dtype=torch.int64)
+    return torch.tensor([int.from_bytes(h.digest()[:3], "little")], dtype=torch.int64)
 
 
 def _frozen_a(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -333,7 +338,7 @@ class TrainR(ClientAlgorithmBase):
             raise IncompatibleUpdateError(
                 f"lora-sb: the server's payload has no {FINGERPRINT!r} (not a lora-sb server?)"
             )
-        if not torch.equal(theirs.to(torch.int64).reshape(-1), fingerprint(_frozen_a(init), b)):
+        if not torch.equal(theirs.reshape(-1).to(torch.float64), fingerprint(_frozen_a(init), b).double()):
             raise IncompatibleUpdateError(
                 "lora-sb: this client's frozen A/B differ from the server's (different run "
                 "seed, model, target modules or torch build?); refusing to train in another basis"

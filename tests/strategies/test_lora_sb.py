@@ -135,6 +135,8 @@ def test_mismatched_or_missing_basis_and_bad_uploads_are_refused():
     other_seed = get_strategy("lora-sb").build(S.LoraSbConfig(), env)
     with pytest.raises(IncompatibleUpdateError, match="differ from the server"):
         other_seed.client.start(received, _glob(), {}, fx.plan(0, R))
+    as_float = {**received, S.FINGERPRINT: received[S.FINGERPRINT].float()}  # a delta-coded downlink
+    fed.client.start(as_float, _glob(), {}, fx.plan(0, R))
     no_fp = {k: v for k, v in received.items() if k != S.FINGERPRINT}
     with pytest.raises(IncompatibleUpdateError, match="no 'aux.lora-sb.basis'"):
         fed.client.start(no_fp, _glob(), {}, fx.plan(0, R))
