@@ -3,7 +3,8 @@
 A codec spec is a chain of stages joined by ``+``, a stage's parameter after ``:``,
 e.g. ``"identity"`` or ``"topk:0.05+int8+zstd"``. See :func:`build_codec`.
 Importing this package registers every built-in stage: ``identity``, ``fp16``,
-``bf16``, ``int8``, ``int4``, ``topk``, ``lowrank``, ``ferret`` and ``zstd``.
+``bf16``, ``int8``, ``int4``, ``int2``, ``ternary``, ``sign``, ``topk``, ``lowrank``,
+``ferret`` and ``zstd``.
 """
 
 from fedpeft.codecs.base import (
@@ -22,6 +23,8 @@ from fedpeft.codecs.ferret import FerretProjection
 from fedpeft.codecs.identity import Identity
 from fedpeft.codecs.lowrank import PowerSgdLowRank
 from fedpeft.codecs.quantize import StochasticQuantizer
+from fedpeft.codecs.sign import ScaledSign
+from fedpeft.codecs.ternary import TernaryQuantizer
 from fedpeft.codecs.topk import TopK
 from fedpeft.codecs.zstd import Zstd
 
@@ -34,7 +37,9 @@ __all__ = [
     "Identity",
     "Payload",
     "PowerSgdLowRank",
+    "ScaledSign",
     "StochasticQuantizer",
+    "TernaryQuantizer",
     "TopK",
     "Zstd",
     "available_codecs",
