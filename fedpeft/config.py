@@ -503,13 +503,21 @@ class BudgetConfig:
             would take the cumulative bytes (up + down) over this (0 = no budget).
             The next round is estimated from the previous one (round 1: its exact
             downlink twice).
+        bytes_per_round: uplink bytes per client per round (0 = no target): each
+            client picks the fraction of the one ``topk`` stage of ``codec.uplink`` that
+            fits its payload into this many bytes (:mod:`fedpeft.codecs.budget`); the
+            fraction in the spec is ignored. Needs a ``topk`` stage.
     """
 
     bytes: int = 0
+    bytes_per_round: int = 0
 
     def problems(self) -> list[str]:
         """Invalid values, one line each."""
-        return [] if self.bytes >= 0 else [f"budget.bytes must be >= 0, got {self.bytes}"]
+        out = [] if self.bytes >= 0 else [f"budget.bytes must be >= 0, got {self.bytes}"]
+        if self.bytes_per_round < 0:
+            out.append(f"budget.bytes-per-round must be >= 0, got {self.bytes_per_round}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -575,10 +583,17 @@ class CodecConfig:
     Attributes:
         uplink: codec spec for client-to-server updates, e.g. ``topk:0.05+int8+zstd``.
         downlink: codec spec for server-to-client payloads.
+        downlink_delta: a lossy downlink codes the difference between what the client
+            is sent and what it decoded the last time it completed a round (both ends
+            keep that reference), instead of the tensors themselves; the first message
+            to a client, and the next one after a client failed or did not reply, carry
+            the tensors. Off: the tensors themselves every round, with the chain's error
+            feedback per client. No effect on a lossless downlink.
     """
 
     uplink: str = "identity"
     downlink: str = "identity"
+    downlink_delta: bool = True
 
     def problems(self) -> list[str]:
         """Unknown codec stages or parameters."""

@@ -19,7 +19,14 @@ from fedpeft.client.algorithm import finish_with_carry, overrides
 from fedpeft.client.prox import proximal_term
 from fedpeft.codecs import CodecContext, build_codec
 from fedpeft.codecs.base import Payload
-from fedpeft.codecs.tensors import decode_tensors, encode_tensors
+from fedpeft.codecs.budget import encode_within
+from fedpeft.codecs.tensors import (
+    decode_downlink,
+    decode_tensors,
+    encode_tensors,
+    reference_state,
+    split_reference,
+)
 from fedpeft.config import RunConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.registry import get_strategy
@@ -89,7 +96,16 @@ def run_client_round(
     down_ctx = CodecContext(
         seed=derive_seed(cfg.seed, "downlink", server_round, plan.partition_id), direction="downlink"
     )
-    received = decode_tensors(received_payload, downlink, down_ctx)
+    # codec.downlink-delta: the reference this client decoded last time is in its codec
+    # state beside the uplink's residuals
+    delta = cfg.codec.downlink_delta and not downlink.lossless
+    held, codec_state = split_reference(codec_state)
+    if delta:
+        received = decode_downlink(received_payload, downlink, held, down_ctx)
+        held = reference_state(server_round, received)
+    else:
+        received = decode_tensors(received_payload, downlink, down_ctx)
+        held = {}
     # SCAFFOLD's variates (scaffold.enabled) travel beside the strategy's tensors
     received, c = scaffold.split(received, scaffold.SERVER)
     state, c_i = scaffold.split(state, scaffold.STATE)
@@ -126,10 +142,21 @@ def run_client_round(
         direction="uplink",
         reference=received,
     )
+    target = cfg.budget.bytes_per_round
+    budget_metrics: dict[str, float] = {}
     try:
-        encoded, new_codec_state = encode_tensors(upload, uplink, dict(codec_state), up_ctx)
+        if target:
+            fitted = encode_within(upload, uplink, dict(codec_state), up_ctx, target)
+        else:
+            encoded, new_codec_state = encode_tensors(upload, uplink, dict(codec_state), up_ctx)
     except FedPeftError:  # shapes changed since the residuals were kept (new rank)
-        encoded, new_codec_state = encode_tensors(upload, uplink, {}, up_ctx)
+        if target:
+            fitted = encode_within(upload, uplink, {}, up_ctx, target)
+        else:
+            encoded, new_codec_state = encode_tensors(upload, uplink, {}, up_ctx)
+    if target:
+        encoded, new_codec_state = fitted.payload, fitted.state
+        budget_metrics = {"uplink-fraction": fitted.fraction, "uplink-fitted-bytes": float(fitted.nbytes)}
     metrics = {
         NUM_EXAMPLES: result.num_examples,
         "train-loss": result.loss if result.steps else 0.0,
@@ -138,8 +165,9 @@ def run_client_round(
         "train-tokens": result.tokens,
         "client-seconds": time.perf_counter() - started,
         **extra_metrics,
+        **budget_metrics,
     }
-    return ClientRound(encoded, new_state, dict(new_codec_state), metrics)
+    return ClientRound(encoded, new_state, {**new_codec_state, **held}, metrics)
 
 
 def _penalty(

@@ -42,7 +42,7 @@ from fedpeft.aggregation.mean import client_weights
 from fedpeft.checkpoint import client_state_problem
 from fedpeft.codecs import CodecContext
 from fedpeft.codecs.base import Chain, CodecState, Payload
-from fedpeft.codecs.tensors import decode_tensors, encode_tensors
+from fedpeft.codecs.tensors import decode_tensors, encode_downlink, encode_tensors, reference_state
 from fedpeft.config import RunConfig
 from fedpeft.devices import simulated_round_seconds
 from fedpeft.errors import CodecError, FedPeftError, IncompatibleUpdateError
@@ -100,7 +100,8 @@ class ServerState:
         global_tensors: the global adapter.
         aggregator: the aggregator's state.
         selector: the selector's state.
-        downlink: downlink codec state per partition id (error-feedback residuals).
+        downlink: downlink codec state per partition id: error-feedback residuals, or
+            with ``codec.downlink-delta`` the tensors that client holds (its reference).
         ledger: byte-ledger entries ``(round, direction, node_id, bytes, payload_bytes)``.
     """
 
@@ -186,6 +187,7 @@ class RoundWork:
     started: float = field(default_factory=time.perf_counter)
     plans: dict[int, ClientPlan] = field(default_factory=dict)
     sent: dict[int, TensorDict] = field(default_factory=dict)
+    pending: dict[int, int] = field(default_factory=dict)  # node id → partition id sent to
     updates: list[ClientUpdate] = field(default_factory=list)
     sampled: int = 0
     replies: int = 0
@@ -236,6 +238,7 @@ class RoundEngine:
         )
         self.uplink = uplink
         self.downlink = downlink
+        self.downlink_delta = cfg.codec.downlink_delta and not downlink.lossless
         self.nodes = list(nodes)
         self.devices = device_profiles(cfg.devices.profile, self.nodes)
         self.layout = layout
@@ -283,6 +286,13 @@ class RoundEngine:
                 seed=derive_seed(self.cfg.seed, "downlink", work.server_round, plan.partition_id),
                 direction="downlink",
             )
+            if self.downlink_delta:
+                # coded against what this client decoded when it last completed a round
+                held = work.downlink.get(plan.partition_id, {})
+                payload, work.sent[plan.node_id] = encode_downlink(tensors, self.downlink, held, ctx)
+                work.pending[plan.node_id] = plan.partition_id
+                out.append(Outgoing(plan, work.server_round, payload, attempt, self.client_state_dir))
+                continue
             try:
                 payload, work.downlink[plan.partition_id] = encode_tensors(
                     tensors, self.downlink, work.downlink.get(plan.partition_id, {}), ctx
@@ -334,6 +344,7 @@ class RoundEngine:
             node_id = reply.node_id
             answered.add(node_id)
             plan = work.plans.get(node_id)
+            self._track_reference(work, reply)
             if reply.error is not None:
                 unreadable = client_state_problem(reply.error)
                 if unreadable is not None:
@@ -360,12 +371,27 @@ class RoundEngine:
                 work.reasons.append(reason)
                 log.warning("round %d: rejected the update of %s", server_round, reason)
         missing = [p for p in asked if p.node_id not in answered]
+        for p in missing:  # did it decode the message? unknown: send it the tensors next time
+            if self.downlink_delta and work.pending.pop(p.node_id, None) is not None:
+                work.downlink.pop(p.partition_id, None)
         if missing:
             work.failed += len(missing)
             work.reasons += [f"node {p.node_id}: no reply" for p in missing]
             log.warning("round %d: no reply from nodes %s", server_round, [p.node_id for p in missing])
             failed += missing
         return failed
+
+    def _track_reference(self, work: RoundWork, reply: Reply) -> None:
+        """Downlink delta: a client that completed its round (a reply with a payload,
+        accepted or not) now holds what it was sent; after an error reply it may hold
+        anything, so it gets the tensors themselves at its next message."""
+        pid = work.pending.pop(reply.node_id, None) if self.downlink_delta else None
+        if pid is None:
+            return
+        if reply.error is None:
+            work.downlink[pid] = reference_state(work.server_round, work.sent[reply.node_id])
+        else:
+            work.downlink.pop(pid, None)
 
     def retry_plans(self, work: RoundWork, failed: Sequence[ClientPlan], attempt: int) -> list[ClientPlan]:
         """The plans to send again (``[]``: enough valid updates, or no retries left)."""

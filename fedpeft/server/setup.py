@@ -14,6 +14,7 @@ from datetime import datetime
 from fedpeft.client.algorithm import overrides
 from fedpeft.codecs import build_codec
 from fedpeft.codecs.base import Chain
+from fedpeft.codecs.budget import tunable
 from fedpeft.config import RunConfig
 from fedpeft.devices import DeviceProfile, parse_device_profile, profile_for, tier_of
 from fedpeft.errors import ConfigError
@@ -65,6 +66,11 @@ def build_strategy(cfg: RunConfig) -> tuple[FedStrategy, Chain, Chain]:
                 "such as 'identity' or 'zstd'"
             )
     problems = []
+    if cfg.budget.bytes_per_round:
+        try:
+            tunable(uplink)
+        except ConfigError as err:
+            problems.append(str(err))
     one_way = [s.name for s in downlink.stages if getattr(s, "uplink_only", False)]
     if one_way:
         problems.append(

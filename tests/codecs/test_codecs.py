@@ -35,8 +35,9 @@ ELEMENTWISE = [
     "topk:100+int4:64+zstd",
 ]
 NORM_BOUNDED = ["lowrank:2", "lowrank:2+zstd", "lowrank:3+fp16+zstd"]
+LOWBIT = ["int2", "ternary:64", "sign", "topk:0.05+sign+zstd"]  # tests/codecs/test_lowbit.py
 PROJECTED = ["ferret:16", "ferret:16+zstd"]  # unbiased, not bounded: tests/codecs/test_ferret_codec.py
-SPECS = LOSSLESS + ELEMENTWISE + NORM_BOUNDED + PROJECTED
+SPECS = LOSSLESS + ELEMENTWISE + NORM_BOUNDED + LOWBIT + PROJECTED
 STOCHASTIC = [
     "int8",
     "int4",
@@ -44,8 +45,10 @@ STOCHASTIC = [
     "topk:0.05+int8+zstd",
     "lowrank:2",
     "ferret:16",
+    "int2",
+    "ternary:64",
 ]
-DETERMINISTIC = ["fp16", "bf16", "topk:0.05", "zstd", "fp16+zstd"]
+DETERMINISTIC = ["fp16", "bf16", "topk:0.05", "zstd", "fp16+zstd", "sign", "topk:0.05+sign+zstd"]
 
 
 def test_specs_cover_every_registered_stage():

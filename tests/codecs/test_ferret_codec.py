@@ -12,8 +12,8 @@ from fedpeft.codecs import CodecContext, build_codec, from_payload, to_payload
 from fedpeft.config import parse_run_config
 from fedpeft.errors import CodecError, ConfigError
 from fedpeft.flower.inprocess import run_in_process
-from fedpeft.server.setup import build_strategy
 from fedpeft.projection import partition_blocks
+from fedpeft.server.setup import build_strategy
 
 
 def _update() -> dict[str, torch.Tensor]:
