@@ -70,6 +70,7 @@ class RoundRecord(TypedDict, total=False):
     clients: list[ClientRecord]
     simulated_seconds: float  # with devices.profile: the slowest device's time
     strategy_metrics: dict[str, float]  # the strategy's and layers' metrics
+    server_codec_seconds: float  # encoding downlinks and decoding uplinks, this round
     client_accuracy: float  # with eval.client: example-weighted client evaluation
     client_loss: float
     client_perplexity: float

@@ -1,153 +1,287 @@
-"""Benchmark the wire codecs on LoRA-shaped tensors (ALGORITHMS.md §12).
+"""Communication Pareto benchmark (issue 21): accuracy vs bytes in both directions.
 
-Run: ``python simulations/bench_codecs.py [--repeats 7] [--json reports/codecs.json]``
+For every split (IID, Dirichlet α = 0.5) and every entry of :data:`ENTRIES` (a
+strategy with an uplink and a downlink codec chain, ``lora-sb``, ``ferret`` in its two
+modes), ``--seeds`` runs at the reference budget (``REFERENCE_RESULTS.md``: MiniLM,
+LoRA r = 8 on query/value + head, 4 clients all training every round, 5 rounds × 30
+AdamW steps of batch 16, 2,000 test tweets), through the in-process grid (the server
+and client code of ``fedpeft simulate``). Per entry it reports:
 
-For each codec spec and tensor set it prints, all measured in this one run:
-compression ratio vs raw fp32 bytes (array bytes alone, and an estimate of the wire
-bytes with npy headers, keys and meta from ``fedpeft.codecs.analysis``), relative L2
-error ``‖x̂ − x‖ / ‖x‖`` over the whole set, encode+decode throughput in MB/s of fp32
-input, and that time relative to a plain ``numpy`` copy of the same arrays (median of
-``--repeats`` runs each). Every stage starts from an empty state (a first round).
+* **bytes per client per round in each direction and in total**, as the server's
+  ledger counted the serialized messages, and the total's ratio to fp32 FedIT's;
+* **final accuracy**, mean ± std over seeds, and the paired difference to fp32 FedIT
+  (same seed) with its 95 % t-interval;
+* **codec time**: the clients' decode + encode (``codec-seconds``, mean per client per
+  round) and the server's encode of downlinks + decode of uplinks
+  (``server_codec_seconds`` per round), each as a share of the round's wall time.
+
+Writes ``--out``/``codecs.md`` (one table per split, then per split the best entry at
+each ratio threshold that stays within 0.5 / 1 point), ``codecs.json`` and
+``pareto-<split>.png`` (accuracy with its interval vs total MB per client-round, log
+x; the fp32 FedIT point; the reference FedAvg's accuracy where REFERENCE_RESULTS.md has
+one). Every run has its own directory under ``--out``/runs and is reused when complete,
+so an interrupted benchmark continues and entries can be run in parallel processes
+(``--entries a,b`` in one, ``--entries c,d`` in another, then one ``--report-only``).
+
+The learning rate is the reference's (5e-4) for every FedIT chain (a codec does not
+change the method) and a per-entry value for ``lora-sb`` and ``ferret`` (:data:`ENTRIES`
+says where it comes from). Run:
+
+    python simulations/bench_codecs.py --out reports/codecs                  # hours
+    python simulations/bench_codecs.py --quick --out /tmp/codecs             # a minute
+    python simulations/bench_codecs.py --splits iid --seeds 0 --entries fp32,lora-sb
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import pathlib
 import statistics
-import time
-from collections.abc import Callable
-from pathlib import Path
+import sys
+from typing import Any
 
-import numpy as np
-import torch
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_heterogeneity import NO_OUTLIER_REJECTION, final, paired, run  # noqa: E402
 
-from fedpeft.codecs import CodecContext, Payload, build_codec, to_payload
-from fedpeft.codecs.analysis import encoded_nbytes
-
-SPECS = [
-    "identity",
-    "fp16",
-    "bf16",
-    "int8",
-    "int4",
-    "topk:0.05",
-    "topk:0.05+int8+zstd",
-    "fp16+zstd",
-    "int8+zstd",
-    "int4+zstd",
-    "lowrank:2",
-]
+SPLITS: dict[str, dict[str, Any]] = {
+    "iid": {"data.partition": "iid"},
+    "dirichlet-0.5": {"data.partition": "dirichlet", "data.alpha": 0.5},
+}
 
 
-def minilm_lora(g: torch.Generator) -> dict[str, torch.Tensor]:
-    """MiniLM-L12 (d=384) LoRA r=8 on query/value, plus a 3-class head."""
-    tensors = {}
-    prefix = "base_model.model.bert.encoder.layer"
-    for layer in range(12):
-        for target in ("query", "value"):
-            key = f"{prefix}.{layer}.attention.self.{target}"
-            tensors[f"{key}.lora_A.weight"] = (torch.rand(8, 384, generator=g) * 2 - 1) / 384**0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(384, 8, generator=g) * 0.01
-    tensors["base_model.model.classifier.weight"] = torch.randn(3, 384, generator=g) * 0.02
-    tensors["base_model.model.classifier.bias"] = torch.randn(3, generator=g) * 0.02
-    return tensors
+def _both(chain: str) -> dict[str, Any]:
+    return {"codec.uplink": chain, "codec.downlink": chain}
 
 
-def large_lora(g: torch.Generator) -> dict[str, torch.Tensor]:
-    """64 matrices 4096×16 (LLaMA-7B-like q/v factors): half uniform A-like, half B-like."""
-    tensors = {}
-    for i in range(64):
-        if i % 2 == 0:
-            tensors[f"m{i}"] = (torch.rand(4096, 16, generator=g) * 2 - 1) / 4096**0.5
-        else:
-            tensors[f"m{i}"] = torch.randn(4096, 16, generator=g) * 0.01
-    return tensors
+ENTRIES: dict[str, dict[str, Any]] = {
+    "fp32": {"strategy.name": "fedit"},
+    "int8+zstd": {"strategy.name": "fedit", **_both("int8+zstd")},
+    "int4+zstd": {"strategy.name": "fedit", **_both("int4+zstd")},
+    "ternary+zstd": {"strategy.name": "fedit", **_both("ternary+zstd")},
+    "sign+zstd": {"strategy.name": "fedit", **_both("sign+zstd")},
+    "sign:4096+zstd": {"strategy.name": "fedit", **_both("sign:4096+zstd")},
+    # top-k up (fed back), sign down (delta-coded)
+    "topk5%+int8+zstd/sign": {
+        "strategy.name": "fedit", "codec.uplink": "topk:0.05+int8+zstd", "codec.downlink": "sign:4096+zstd",
+    },
+    # a bytes target per round instead of a fraction (uplink), sign down
+    "budget6KB+sign": {
+        "strategy.name": "fedit", "codec.uplink": "topk:0.1+sign:4096+zstd", "codec.downlink": "sign:4096+zstd",
+        "budget.bytes-per-round": 6000,
+    },
+    "lora-sb": {"strategy.name": "lora-sb"},
+    "lora-sb+int8+zstd": {"strategy.name": "lora-sb", **_both("int8+zstd")},
+    "lora-sb+int4+zstd": {"strategy.name": "lora-sb", **_both("int4+zstd")},
+    "ferret-lora": {"strategy.name": "ferret", "ferret.mode": "lora"},
+    "ferret-full": {"strategy.name": "ferret", "ferret.mode": "full"},
+}
+"""Entry label → config keys (the codec chains and strategies compared)."""
+
+LR: dict[str, float] = {}
+"""Client learning rate per entry where it is not the reference's 5e-4 (set from the
+tuning runs recorded in the entry's docstring; see :func:`lr_of`)."""
+
+REFERENCE_LR = 5e-4
+REFERENCE = {"iid": 0.641}
+"""Plain Flower FedAvg + peft at the reference budget (REFERENCE_RESULTS.md, IID)."""
+
+THRESHOLDS = (8, 16, 32, 100, 200)
+"""Total-byte ratios vs fp32 FedIT the summary table looks for."""
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def lr_of(entry: str) -> float:
+    """The client learning rate of ``entry``."""
+    for prefix, lr in LR.items():
+        if entry == prefix or entry.startswith(prefix + "+"):
+            return lr
+    return REFERENCE_LR
 
 
-def bench_set(payload: Payload, repeats: int) -> tuple[float, list[dict[str, float | str]]]:
-    """Measure every spec on ``payload``; returns the memcpy time and one row per spec."""
-    arrays = payload.arrays
-    raw = sum(a.nbytes for a in arrays.values())
-    identity_wire = encoded_nbytes(payload)
-    copy_s = median_seconds(lambda: {k: np.copy(v) for k, v in arrays.items()}, repeats)
-    ctx = CodecContext(seed=0)
-    rows = []
-    for spec in SPECS:
-        codec = build_codec(spec)
-
-        def roundtrip(codec=codec) -> tuple[Payload, Payload]:
-            encoded, _ = codec.encode(payload, {}, ctx)
-            return encoded, codec.decode(encoded, ctx)
-
-        seconds = median_seconds(roundtrip, repeats)
-        encoded, decoded = roundtrip()
-        err_sq = sum(
-            float(np.sum((decoded.arrays[k].astype(np.float64) - a) ** 2))
-            for k, a in arrays.items()
-        )
-        norm_sq = sum(float(np.sum(a.astype(np.float64) ** 2)) for a in arrays.values())
-        rows.append(
-            {
-                "codec": spec,
-                "bytes": encoded.nbytes(),
-                "ratio": raw / encoded.nbytes(),
-                "wire_ratio": identity_wire / encoded_nbytes(encoded),
-                "rel_l2": (err_sq / norm_sq) ** 0.5,
-                "mb_per_s": raw / 1e6 / seconds,
-                "vs_memcpy": seconds / copy_s,
-            }
-        )
-    return copy_s, rows
+def budget(args: argparse.Namespace) -> dict[str, Any]:
+    """Keys every run shares."""
+    if args.quick:
+        return {
+            "model.name": "tiny-bert", "data.max-examples": 48, "data.test-size": 120,
+            "federation.clients": 4, "federation.rounds": 2, "train.local-steps": 3,
+            "train.batch-size": 8, "output.save-adapter": False, **NO_OUTLIER_REJECTION,
+        }
+    return {
+        "model.name": "minilm", "model.max-length": 64, "lora.r": 8, "lora.alpha": 16.0,
+        "lora.target-modules": "query,value", "data.test-size": 2000, "federation.clients": 4,
+        "federation.rounds": args.rounds, "train.local-steps": args.steps, "train.batch-size": 16,
+        "eval.batch-size": 64, "output.save-adapter": False, **NO_OUTLIER_REJECTION,
+    }
 
 
-def markdown(title: str, raw: int, copy_s: float, rows: list[dict[str, float | str]]) -> str:
-    """One table per tensor set."""
+def traffic(summary: dict[str, Any]) -> dict[str, float]:
+    """Bytes per client per round (up, down, total) and codec seconds as round shares."""
+    rounds = [r for r in summary["rounds"] if r["round"] > 0]
+    per = [len(r.get("clients") or []) or int(summary.get("clients", 1)) for r in rounds]
+    up = statistics.fmean(r["uplink_bytes"] / n for r, n in zip(rounds, per, strict=True))
+    down = statistics.fmean(r["downlink_bytes"] / n for r, n in zip(rounds, per, strict=True))
+    client = [c.get("codec-seconds", 0.0) / max(r["seconds"], 1e-9) for r in rounds for c in r.get("clients") or []]
+    server = [r.get("server_codec_seconds", 0.0) / max(r["seconds"], 1e-9) for r in rounds]
+    return {
+        "up": up, "down": down, "total": up + down,
+        "client_codec_share": statistics.fmean(client) if client else float("nan"),
+        "server_codec_share": statistics.fmean(server) if server else float("nan"),
+    }
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Every (split, entry, seed) run; reused when complete."""
+    base = budget(args)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    splits, entries = args.splits.split(","), args.entries.split(",")
+    unknown = sorted(set(splits) - set(SPLITS)) + sorted(set(entries) - set(ENTRIES))
+    if unknown:
+        raise SystemExit(f"unknown split or entry {unknown}; splits {list(SPLITS)}, entries {list(ENTRIES)}")
+    results: dict[str, Any] = {"budget": base, "seeds": seeds, "splits": {}}
+    for split in splits:
+        table: dict[str, Any] = {}
+        for entry in entries:
+            runs = {}
+            for seed in seeds:
+                flat = {**base, **SPLITS[split], **ENTRIES[entry], "train.lr": lr_of(entry), "seed": seed}
+                out = args.out / "runs" / split / f"{entry}-seed{seed}"
+                if args.report_only:
+                    from fedpeft.results import completed_run
+
+                    summary = completed_run(out, flat)
+                    if summary is not None:
+                        runs[seed] = summary
+                    continue
+                rec = run(flat, out)
+                runs[seed] = rec["summary"]
+                took = "reused" if rec["reused"] else f"{rec['seconds']:.0f} s"
+                print(f"{split} {entry} seed {seed}: accuracy {final(rec['summary'])} ({took})", flush=True)
+            if runs:
+                table[entry] = {"lr": lr_of(entry), "runs": runs}
+        results["splits"][split] = table
+    return results
+
+
+def rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """One summary row per entry of a split's table."""
+    base_runs = table.get("fp32", {}).get("runs", {})
+    base_total = statistics.fmean(traffic(s)["total"] for s in base_runs.values()) if base_runs else float("nan")
+    out = []
+    for entry, row in table.items():
+        accs = {s: final(r) for s, r in row["runs"].items() if final(r) is not None}
+        t = [traffic(s) for s in row["runs"].values()]
+        diffs = [accs[s] - final(base_runs[s]) for s in accs if s in base_runs and final(base_runs[s]) is not None]
+        d, half = paired(diffs) if diffs else (float("nan"), float("nan"))
+        total = statistics.fmean(x["total"] for x in t)
+        out.append({
+            "entry": entry, "lr": row["lr"], "seeds": sorted(accs),
+            "accuracy": statistics.fmean(accs.values()) if accs else float("nan"),
+            "std": statistics.stdev(accs.values()) if len(accs) > 1 else 0.0,
+            "delta": d, "half": half,
+            "up": statistics.fmean(x["up"] for x in t), "down": statistics.fmean(x["down"] for x in t),
+            "total": total, "ratio": base_total / total,
+            "client_codec_share": statistics.fmean(x["client_codec_share"] for x in t),
+            "server_codec_share": statistics.fmean(x["server_codec_share"] for x in t),
+        })
+    return out
+
+
+def render(results: dict[str, Any]) -> str:
+    """The Markdown report."""
+    b = results["budget"]
     lines = [
-        f"### {title}: {raw / 1e6:.3f} MB fp32; memcpy {raw / 1e6 / copy_s:,.0f} MB/s",
+        "# Communication benchmark",
         "",
-        "| codec | bytes | ratio | wire ratio | rel. L2 error | enc+dec MB/s | time / memcpy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"{b['federation.clients']} clients, {b['federation.rounds']} rounds × {b['train.local-steps']} "
+        f"steps, model {b['model.name']}, seeds {results['seeds']}. Bytes: serialized messages per client "
+        "per round as the server's ledger counted them. Δ: paired difference to fp32 FedIT (same seed) "
+        "with its 95 % t-interval. Codec time: share of the round's wall time, per client (decode + "
+        "encode) and on the server (all encodes and decodes of the round).",
     ]
-    for r in rows:
-        lines.append(
-            f"| `{r['codec']}` | {r['bytes']:,} | {r['ratio']:.2f}× | {r['wire_ratio']:.2f}× "
-            f"| {r['rel_l2']:.2e} | {r['mb_per_s']:,.0f} | {r['vs_memcpy']:,.1f}× |"
-        )
-    return "\n".join(lines)
+    for split, table in results["splits"].items():
+        rs = rows(table)
+        lines += ["", f"## {split}", ""]
+        if split in REFERENCE:
+            lines += [f"Reference FedAvg (plain Flower + peft, REFERENCE_RESULTS.md): {REFERENCE[split]}.", ""]
+        lines += [
+            "| entry | lr | seeds | final accuracy | Δ vs fp32 [95 % CI] | up / down / total KB | × fewer (total) "
+            "| codec time client / server |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rs:
+            ci = f" [{r['delta'] - r['half']:+.3f}, {r['delta'] + r['half']:+.3f}]" if math.isfinite(r["half"]) else ""
+            delta = "—" if r["entry"] == "fp32" else f"{r['delta']:+.3f}{ci}"
+            lines.append(
+                f"| {r['entry']} | {r['lr']:g} | {len(r['seeds'])} | {r['accuracy']:.3f} ± {r['std']:.3f} | {delta} "
+                f"| {r['up'] / 1e3:,.1f} / {r['down'] / 1e3:,.1f} / {r['total'] / 1e3:,.1f} | {r['ratio']:.1f}× "
+                f"| {100 * r['client_codec_share']:.2f} % / {100 * r['server_codec_share']:.2f} % |"
+            )
+        lines += ["", "Best entry at each ratio (largest ratio first among those that qualify):", "",
+                  "| total ratio ≥ | within 0.5 point | within 1 point |", "|---|---|---|"]
+        for threshold in THRESHOLDS:
+            cells = []
+            for points in (0.005, 0.01):
+                ok = [r for r in rs if r["ratio"] >= threshold and r["entry"] != "fp32"
+                      and math.isfinite(r["delta"]) and r["delta"] >= -points]
+                best = max(ok, key=lambda r: r["ratio"], default=None)
+                cells.append(f"{best['entry']} ({best['ratio']:.0f}×, {best['delta']:+.3f})" if best else "none")
+            lines.append(f"| {threshold}× | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], out: pathlib.Path) -> None:
+    """Accuracy vs total MB per client-round, one figure per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for split, table in results["splits"].items():
+        rs = rows(table)
+        if not rs:
+            continue
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        for r in rs:
+            color = "black" if r["entry"] == "fp32" else None
+            ax.errorbar(r["total"] / 1e6, r["accuracy"], yerr=r["std"], fmt="o", capsize=3, color=color,
+                        label=r["entry"])
+        if split in REFERENCE:
+            ax.axhline(REFERENCE[split], color="grey", linestyle="--", label="reference FedAvg")
+        ax.set_xscale("log")
+        ax.set(xlabel="MB per client per round (up + down)", ylabel="final test accuracy", title=split)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / f"pareto-{split}.png", dpi=110)
+        plt.close(fig)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("reports/codecs"))
+    parser.add_argument("--splits", default=",".join(SPLITS))
+    parser.add_argument("--entries", default=",".join(ENTRIES))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--report-only", action="store_true", help="report the complete runs; run nothing")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds: checks the script")
+    return parser
 
 
 def main() -> None:
-    """Parse arguments, run both tensor sets, print tables, optionally write JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per codec")
-    parser.add_argument("--json", type=Path, default=None, help="also write numbers here")
-    args = parser.parse_args()
-    g = torch.Generator().manual_seed(0)
-    results = {}
-    for title, build in (
-        ("MiniLM LoRA r=8 (q,v) + head", minilm_lora),
-        ("64 × (4096, 16)", large_lora),
-    ):
-        payload = to_payload(build(g))
-        raw = payload.nbytes()
-        copy_s, rows = bench_set(payload, args.repeats)
-        print(markdown(title, raw, copy_s, rows), end="\n\n", flush=True)
-        results[title] = {"fp32_bytes": raw, "memcpy_seconds": copy_s, "rows": rows}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    args = parser().parse_args()
+    if args.quick:
+        args.seeds = "0,1"
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = benchmark(args)
+    (args.out / "codecs.json").write_text(json.dumps(results, indent=1, default=str))
+    text = render(results)
+    (args.out / "codecs.md").write_text(text)
+    plot(results, args.out)
+    print(text)
 
 
 if __name__ == "__main__":

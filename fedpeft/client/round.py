@@ -100,12 +100,14 @@ def run_client_round(
     # state beside the uplink's residuals
     delta = cfg.codec.downlink_delta and not downlink.lossless
     held, codec_state = split_reference(codec_state)
+    codec_started = time.perf_counter()
     if delta:
         received = decode_downlink(received_payload, downlink, held, down_ctx)
         held = reference_state(server_round, received)
     else:
         received = decode_tensors(received_payload, downlink, down_ctx)
         held = {}
+    codec_seconds = time.perf_counter() - codec_started
     # SCAFFOLD's variates (scaffold.enabled) travel beside the strategy's tensors
     received, c = scaffold.split(received, scaffold.SERVER)
     state, c_i = scaffold.split(state, scaffold.STATE)
@@ -142,6 +144,7 @@ def run_client_round(
         direction="uplink",
         reference=received,
     )
+    codec_started = time.perf_counter()
     target = cfg.budget.bytes_per_round
     budget_metrics: dict[str, float] = {}
     try:
@@ -157,6 +160,7 @@ def run_client_round(
     if target:
         encoded, new_codec_state = fitted.payload, fitted.state
         budget_metrics = {"uplink-fraction": fitted.fraction, "uplink-fitted-bytes": float(fitted.nbytes)}
+    codec_seconds += time.perf_counter() - codec_started
     metrics = {
         NUM_EXAMPLES: result.num_examples,
         "train-loss": result.loss if result.steps else 0.0,
@@ -164,6 +168,7 @@ def run_client_round(
         "train-seconds": result.seconds,
         "train-tokens": result.tokens,
         "client-seconds": time.perf_counter() - started,
+        "codec-seconds": codec_seconds,
         **extra_metrics,
         **budget_metrics,
     }

@@ -197,6 +197,7 @@ class RoundWork:
     metrics: dict[str, float] = field(default_factory=dict)
     clients: list[ClientRecord] = field(default_factory=list)
     strategy_metrics: dict[str, float] = field(default_factory=dict)
+    codec_seconds: float = 0.0  # the server's encoding of downlinks, decoding of uplinks
 
 
 class RoundEngine:
@@ -282,6 +283,7 @@ class RoundEngine:
         out = []
         for plan in plans:
             tensors = self.aggregator.client_payload(work.aggregator, work.global_tensors, plan)
+            started = time.perf_counter()
             ctx = CodecContext(
                 seed=derive_seed(self.cfg.seed, "downlink", work.server_round, plan.partition_id),
                 direction="downlink",
@@ -291,6 +293,7 @@ class RoundEngine:
                 held = work.downlink.get(plan.partition_id, {})
                 payload, work.sent[plan.node_id] = encode_downlink(tensors, self.downlink, held, ctx)
                 work.pending[plan.node_id] = plan.partition_id
+                work.codec_seconds += time.perf_counter() - started
                 out.append(Outgoing(plan, work.server_round, payload, attempt, self.client_state_dir))
                 continue
             try:
@@ -303,6 +306,7 @@ class RoundEngine:
             work.sent[plan.node_id] = (
                 dict(tensors) if self.downlink.lossless else decode_tensors(payload, self.downlink, ctx)
             )
+            work.codec_seconds += time.perf_counter() - started
             out.append(Outgoing(plan, work.server_round, payload, attempt, self.client_state_dir))
         return out
 
@@ -418,10 +422,13 @@ class RoundEngine:
             direction="uplink",
             reference=work.sent.get(node_id),
         )
+        started = time.perf_counter()
         try:
             tensors = decode_tensors(reply.payload, self.uplink, ctx)
         except (CodecError, KeyError, ValueError) as err:
             raise CodecError(f"cannot decode with {self.uplink.name!r}: {err}") from err
+        finally:
+            work.codec_seconds += time.perf_counter() - started
         self._validate(work, tensors, plan)
         # the strategy's own validation of what it asked for
         self.aggregator.check_update(work.aggregator, tensors, plan)
@@ -657,6 +664,7 @@ class RoundEngine:
                 # a synchronous round lasts as long as its slowest device
                 record["simulated_seconds"] = max(c["client_seconds"] for c in work.clients)
             record["strategy_metrics"] = dict(work.strategy_metrics)
+            record["server_codec_seconds"] = work.codec_seconds
             record.update({k: v for k, v in metrics.items() if k.startswith("client_")})
         return RoundResult(state, record, evaluation)
 
