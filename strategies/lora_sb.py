@@ -221,7 +221,8 @@ class LoraSbAggregator(AggregatorBase[Any]):
                     f"lora-sb needs the initial lora_B to be zero (R = 0); {module!r} is not"
                 )
             rank = int(basis.shape[1])
-            state[STATE_R + module] = torch.zeros(rank, rank, dtype=torch.float32)
+            dtype = torch.promote_types(torch.float32, lora_b.dtype)  # at least float32
+            state[STATE_R + module] = torch.zeros(rank, rank, dtype=dtype)
         state["fingerprint"] = fingerprint(_frozen_a(global_tensors), b)
         return state
 
@@ -278,7 +279,8 @@ class LoraSbAggregator(AggregatorBase[Any]):
         for key, value in mean.items():
             if key.endswith(".lora_B.weight"):
                 module = key[: -len(".lora_B.weight")]
-                r_bar = value.to(torch.float32)  # (r, r)
+                # (r, r), at least float32: a float64 adapter's mean is not rounded
+                r_bar = value.to(torch.promote_types(torch.float32, global_tensors[key].dtype))
                 new_state[STATE_R + module] = r_bar
                 new[key] = (b[module].double() @ r_bar.double()).to(global_tensors[key].dtype)
             else:
