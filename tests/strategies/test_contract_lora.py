@@ -9,7 +9,8 @@ The properties, per case:
 
 * identical uploads: the aggregate is what the common upload says (per case:
   the same tensors, the same product ``D + s·B·A``, the same mean on the kept
-  coordinates, or — Ferret — the same global as one copy of the upload alone);
+  coordinates, the same ``B·R·A`` — lora-sb, whose uploads carry R — or — Ferret —
+  the same global as one copy of the upload alone);
 * the order of the clients does not matter;
 * a client with zero examples has no effect (tensors and metrics, except metrics that
   count every planned client by design: ``Case.participant_metrics``);
@@ -59,7 +60,7 @@ from fedpeft import (
 from fedpeft.aggregation.layers import stack
 from fedpeft.client import finish_with_carry
 from fedpeft.lora.peft_io import base_delta_key, is_base_delta_key, shape_for_rank
-from strategies import fedit, fedspine
+from strategies import fedit, fedspine, lora_sb
 from strategies import ferret as ferret_mod
 from tests.strategies import _factories as fx
 
@@ -140,6 +141,46 @@ def _ferret_full_init(rank: int) -> TensorDict:
     return {**ferret_mod.tuned_space(tensors, "full"), **tensors}
 
 
+# -- Fed-SB: only R (r×r) per layer is trained, between frozen seeded A and B --------
+
+
+def _sb_init(rank: int) -> TensorDict:
+    """lora-sb needs the initial lora_B to be zero (R = 0); A is the seeded init."""
+    return fx.adapter(GLOBAL_SEED, rank, zero_b=True)
+
+
+def _sb_local(
+    start: TensorDict, trainable: frozenset[str], plan: ClientPlan, state: TensorDict, seed: int
+) -> tuple[TensorDict, TensorDict]:
+    """Stand-in for ``TrainR.local_round``: R = B⁺·lora_B (the start's coordinates in
+    the frozen basis, i.e. the received R̄) plus seeded noise, ``(r, r)`` under each
+    ``lora_B`` key, and the noisy head; what ``work.tensors()`` holds (no ``lora_A``)."""
+    gen = torch.Generator().manual_seed(seed)
+    trained: TensorDict = {}
+    for key in sorted(trainable):
+        value = start[key]
+        if key.endswith(".lora_B.weight"):
+            d_out, rank = value.shape
+            module = key.removesuffix(".lora_B.weight")
+            basis = lora_sb.basis_b(fx.env().seed, module, int(d_out), int(rank))
+            value = torch.linalg.lstsq(basis.double(), value.double()).solution.to(value.dtype)
+        trained[key] = value + NOISE * torch.randn(value.shape, generator=gen, dtype=value.dtype)
+    return trained, {}
+
+
+def _sb_factors(tensors: Mapping[str, torch.Tensor], upload: Mapping[str, torch.Tensor]):
+    """``(B·R, A)`` per module, R from ``upload``'s ``lora_B`` keys, A from ``tensors``."""
+    out = {}
+    for key, r in upload.items():
+        if key.endswith(".lora_B.weight"):
+            module = key.removesuffix(".lora_B.weight")
+            a = tensors[f"{module}.lora_A.weight"]
+            d_out, rank = int(tensors[key].shape[0]), int(r.shape[0])
+            basis = lora_sb.basis_b(fx.env().seed, module, d_out, rank)
+            out[module] = (basis.double() @ r.double(), a.double())
+    return out
+
+
 # -- what "identical uploads" give -----------------------------------------------------
 
 
@@ -200,6 +241,20 @@ def _same_on_kept(out, one, upload, glob):
         expected = before[module].delta().clone()
         expected[torch.outer(rows, cols)] = f.delta().reshape(-1)
         if not torch.allclose(got[module].delta(), expected, atol=1e-10):
+            return False
+    return torch.allclose(out.tensors[fx.HEAD], upload[fx.HEAD], atol=1e-12)
+
+
+def _same_sb_product(out, one, upload, glob):
+    """lora-sb: the upload carries R ``(r, r)``, the global a peft adapter with
+    ``lora_B = B·R̄``: the served product ``B·R̄·A`` is the upload's ``B·R·A`` (A is the
+    frozen global A, unchanged), and the head is the upload's."""
+    for module, (br, a) in _sb_factors(glob, upload).items():
+        key_a, key_b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        if not torch.equal(out.tensors[key_a], glob[key_a]):
+            return False
+        got = out.tensors[key_b].double() @ out.tensors[key_a].double()
+        if not torch.allclose(got, br @ a, atol=1e-10):
             return False
     return torch.allclose(out.tensors[fx.HEAD], upload[fx.HEAD], atol=1e-12)
 
@@ -355,6 +410,21 @@ CASES = [
         local=_spine_local,
         init=_spine_init,
         participant_metrics=_SPINE_PARTICIPANTS,
+    ),
+    # Fed-SB: one rank only (mixed_ranks=False, so the server setup refuses lora.ranks;
+    # B is drawn per (seed, module, shape): a client of another rank has another basis)
+    Case(
+        "lora-sb",
+        "lora-sb",
+        identical=_same_sb_product,
+        init=_sb_init,
+        local=_sb_local,
+        not_applicable={
+            "payload": "lora-sb's downlink carries R̄ (r, r) under each lora_B key by design "
+            "(r² per layer, lora_B = B·R̄ is rebuilt by the client from its seeded B), not "
+            "the (d_out, r) factor; what start builds from it (the plan's rank at init's "
+            "shapes) is checked by the client round trip"
+        },
     ),
 ]
 
