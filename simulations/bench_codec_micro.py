@@ -1,6 +1,7 @@
 """Benchmark the wire codecs on LoRA-shaped tensors (ALGORITHMS.md §12).
 
-Run: ``python simulations/bench_codecs.py [--repeats 7] [--json reports/codecs.json]``
+Run: ``python simulations/bench_codec_micro.py [--repeats 7] [--json reports/codec-micro.json]``
+(the accuracy-vs-bytes benchmark on the real task is ``simulations/bench_codecs.py``)
 
 For each codec spec and tensor set it prints, all measured in this one run:
 compression ratio vs raw fp32 bytes (array bytes alone, and an estimate of the wire
@@ -37,6 +38,10 @@ SPECS = [
     "int8+zstd",
     "int4+zstd",
     "lowrank:2",
+    "int2+zstd",
+    "ternary+zstd",
+    "sign+zstd",
+    "topk:0.05+sign+zstd",
 ]
 
 

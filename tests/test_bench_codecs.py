@@ -1,0 +1,62 @@
+"""simulations/bench_codecs.py: bytes per client-round in both directions, ratios to fp32
+FedIT, the best entry per ratio, and a quick run that writes its report."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.support.scripts import load_script
+
+bench = load_script("bench_codecs")
+
+
+def _summary(acc: float, up: int, down: int, clients: int = 4, seconds: float = 10.0) -> dict:
+    per_client = [{"codec-seconds": 0.1} for _ in range(clients)]
+    rounds = [{"round": 0, "accuracy": 0.3, "uplink_bytes": 0, "downlink_bytes": 0, "seconds": 0.0}]
+    rounds += [
+        {"round": t, "accuracy": acc, "uplink_bytes": up * clients, "downlink_bytes": down * clients,
+         "seconds": seconds, "clients": per_client, "server_codec_seconds": 0.5}
+        for t in (1, 2)
+    ]
+    return {"rounds": rounds, "clients": clients}
+
+
+def test_traffic_is_per_client_per_round_in_each_direction():
+    t = bench.traffic(_summary(0.6, up=1000, down=3000))
+    assert (t["up"], t["down"], t["total"]) == (1000, 3000, 4000)
+    assert t["client_codec_share"] == pytest.approx(0.01) and t["server_codec_share"] == pytest.approx(0.05)
+
+
+def test_ratios_are_to_fp32_totals_and_the_best_entry_respects_the_loss_limit():
+    table = {
+        "fp32": {"lr": 5e-4, "runs": {0: _summary(0.60, 300_000, 300_000), 1: _summary(0.62, 300_000, 300_000)}},
+        # 40× at −0.3 point; 150× at −0.8 point; 300× at −3 points
+        "a": {"lr": 5e-4, "runs": {0: _summary(0.597, 7_500, 7_500), 1: _summary(0.617, 7_500, 7_500)}},
+        "b": {"lr": 5e-4, "runs": {0: _summary(0.592, 2_000, 2_000), 1: _summary(0.612, 2_000, 2_000)}},
+        "c": {"lr": 5e-4, "runs": {0: _summary(0.57, 1_000, 1_000), 1: _summary(0.59, 1_000, 1_000)}},
+    }
+    rows = {r["entry"]: r for r in bench.rows(table)}
+    assert rows["a"]["ratio"] == pytest.approx(40) and rows["b"]["ratio"] == pytest.approx(150)
+    assert rows["a"]["delta"] == pytest.approx(-0.003) and rows["c"]["delta"] == pytest.approx(-0.03)
+    report = bench.render({"budget": {"federation.clients": 4, "federation.rounds": 2,
+                                      "train.local-steps": 3, "model.name": "x"},
+                           "seeds": [0, 1], "splits": {"iid": table}})
+    assert "| 32× | a (40×, -0.003) | b (150×, -0.008) |" in report
+    assert "| 200× | none | none |" in report
+
+
+def test_a_quick_run_writes_bytes_both_ways_and_the_report(tmp_path, monkeypatch):
+    out = tmp_path / "codecs"
+    argv = ["bench", "--quick", "--out", str(out), "--splits", "iid", "--entries", "fp32,sign+zstd", "--seeds", "0"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    results = json.loads((out / "codecs.json").read_text())
+    table = results["splits"]["iid"]
+    rows = {r["entry"]: r for r in bench.rows(table)}
+    assert rows["sign+zstd"]["up"] * 5 < rows["fp32"]["up"] and rows["sign+zstd"]["down"] * 5 < rows["fp32"]["down"]
+    cfg = json.loads((out / "runs" / "iid" / "sign+zstd-seed0" / "config.json").read_text())["config"]
+    assert cfg["codec.uplink"] == cfg["codec.downlink"] == "sign+zstd" and cfg["codec.downlink-delta"] is True
+    assert "| sign+zstd |" in (out / "codecs.md").read_text() and (out / "pareto-iid.png").is_file()
