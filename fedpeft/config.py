@@ -364,29 +364,44 @@ class FaultConfig:
 
     Each sampled client draws, seeded by ``(seed, round, partition)``, whether it
     drops out (its reply is lost), crashes (the ClientApp raises), or is slow
-    (sleeps ``slow_seconds`` before replying).
+    (sleeps ``slow_seconds`` before replying). Byzantine attackers are a fixed seeded
+    set of partitions for the whole run (:func:`fedpeft.faults.attacker_ids`).
 
     Attributes:
         drop_rate: probability a reply is lost.
         crash_rate: probability the ClientApp raises.
         slow_rate: probability the client is slow.
         slow_seconds: how long a slow client sleeps.
+        byzantine_rate: share of the partitions that attack (rounded to the nearest
+            count, halves up), chosen from the run seed.
+        attack: what attackers do (:mod:`fedpeft.attacks`): ``none``, ``sign-flip``,
+            ``scale:K``, ``gaussian:SIGMA``, ``same-value[:C]`` (on their update), or
+            ``label-flip``, ``backdoor[:SHARE]`` (on their training data; classification
+            only; ``backdoor`` adds ``backdoor_asr`` to the server's evaluation).
     """
 
     drop_rate: float = 0.0
     crash_rate: float = 0.0
     slow_rate: float = 0.0
     slow_seconds: float = 5.0
+    byzantine_rate: float = 0.0
+    attack: str = "none"
 
     def problems(self) -> list[str]:
         """Invalid values, one line each."""
+        from fedpeft.attacks import parse_attack
+
         out = []
-        for name in ("drop_rate", "crash_rate", "slow_rate"):
+        for name in ("drop_rate", "crash_rate", "slow_rate", "byzantine_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 out.append(f"faults.{_kebab(name)} must be in [0, 1], got {value}")
         if self.slow_seconds < 0:
             out.append(f"faults.slow-seconds must be >= 0, got {self.slow_seconds}")
+        try:
+            parse_attack(self.attack)
+        except ConfigError as err:
+            out.append(str(err))
         return out
 
 
