@@ -447,9 +447,88 @@ class AggregationConfig:
             2017, and every strategy's paper) or ``equal`` (``p_k = 1/N``: each client
             counts as one example; e.g. Ferret's and FedEx-LoRA's reference scripts).
             Client records and metrics keep the real example counts.
+        robust: a robust aggregation rule on the clients' changes
+            ``u_k = x_k − r_k`` (:mod:`fedpeft.aggregation.robust_mean`, the
+            :class:`fedpeft.aggregation.layers.RobustAggregate` and
+            :class:`fedpeft.aggregation.layers.RobustSelect` layers): ``none`` (default),
+            ``median`` (coordinate-wise; Yin et al., 2018), ``trimmed-mean:β`` (drop the
+            ``⌊β·n⌋`` largest and smallest per coordinate, ``0 ≤ β < 0.5``; Yin et al.,
+            2018), ``krum:f`` / ``multi-krum:f`` (keep the 1 / ``n − f`` clients of lowest
+            Krum score, ``f`` the tolerated attackers; Blanchard et al., 2017),
+            ``geomed`` (the geometric median by smoothed Weiszfeld, RFA; Pillutla et al.,
+            2022) or ``cosine-filter[:τ]`` (drop clients whose change has cosine ``< τ``
+            with the round's coordinate-wise median change; τ = 0 by default).
+            ``median``, ``trimmed-mean`` and ``geomed`` replace the strategy's mean;
+            ``krum``, ``multi-krum`` and ``cosine-filter`` drop whole clients and let the
+            strategy aggregate the rest.
     """
 
     weighting: Literal["examples", "equal"] = "examples"
+    robust: str = "none"
+
+    @property
+    def robust_rule(self) -> RobustRule:
+        """``robust`` parsed (raises ``ValueError`` when malformed)."""
+        return parse_robust(self.robust)
+
+    def problems(self) -> list[str]:
+        """Invalid values, one line each."""
+        try:
+            self.robust_rule
+        except ValueError as err:
+            return [str(err)]
+        return []
+
+
+ROBUST_FORMS = (
+    "none, median, trimmed-mean:β (0 <= β < 0.5), krum:f or multi-krum:f (f >= 0 an "
+    "integer), geomed, cosine-filter or cosine-filter:τ (-1 <= τ < 1)"
+)
+
+
+@dataclass(frozen=True)
+class RobustRule:
+    """A parsed ``aggregation.robust``: the rule's name and its parameter (β of
+    ``trimmed-mean``, ``f`` of ``krum``/``multi-krum``, τ of ``cosine-filter``; 0 for
+    the others)."""
+
+    name: Literal["none", "median", "trimmed-mean", "krum", "multi-krum", "geomed", "cosine-filter"]
+    param: float = 0.0
+
+    @property
+    def selects(self) -> bool:
+        """The rule drops whole clients (the strategy aggregates the rest)."""
+        return self.name in ("krum", "multi-krum", "cosine-filter")
+
+
+def parse_robust(value: str) -> RobustRule:
+    """Parse ``aggregation.robust`` (forms in :data:`ROBUST_FORMS`).
+
+    Raises:
+        ValueError: the value is malformed; the message names the key and the forms.
+    """
+    text = str(value).strip().lower()
+    name, _, arg = text.partition(":")
+    bad = f"aggregation.robust must be one of {ROBUST_FORMS}; got {value!r}"
+    if name in ("none", "median", "geomed"):
+        if arg:
+            raise ValueError(f"{bad} ({name} takes no parameter)")
+        return RobustRule(name)  # type: ignore[arg-type]
+    if name == "cosine-filter" and not arg:
+        return RobustRule("cosine-filter", 0.0)
+    if name not in ("trimmed-mean", "krum", "multi-krum", "cosine-filter") or not arg:
+        raise ValueError(bad)
+    try:
+        param = float(arg)
+    except ValueError:
+        raise ValueError(bad) from None
+    if name == "trimmed-mean" and not 0.0 <= param < 0.5:
+        raise ValueError(f"{bad} (β must be in [0, 0.5))")
+    if name in ("krum", "multi-krum") and (not param.is_integer() or param < 0):
+        raise ValueError(f"{bad} (f must be an integer >= 0)")
+    if name == "cosine-filter" and not -1.0 <= param < 1.0:
+        raise ValueError(f"{bad} (τ must be in [-1, 1))")
+    return RobustRule(name, param)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
