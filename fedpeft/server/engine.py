@@ -236,6 +236,7 @@ class RoundEngine:
             weighting=cfg.aggregation.weighting,
             server_opt=cfg.server_opt if cfg.server_opt.name != "none" else None,
             scaffold_clients=cfg.federation.clients if cfg.scaffold.enabled else 0,
+            robust=cfg.aggregation.robust,
         )
         self.uplink = uplink
         self.downlink = downlink

@@ -11,6 +11,7 @@ import pathlib
 from collections.abc import Sequence
 from datetime import datetime
 
+from fedpeft.aggregation.robust_mean import INCOMPARABLE_STRATEGIES
 from fedpeft.client.algorithm import overrides
 from fedpeft.codecs import build_codec
 from fedpeft.codecs.base import Chain
@@ -148,9 +149,68 @@ def build_strategy(cfg: RunConfig) -> tuple[FedStrategy, Chain, Chain]:
             problems.append(
                 f"privacy.dp={cfg.privacy.dp!r} needs a lossless codec.uplink, got {uplink.name!r}"
             )
+    if cfg.aggregation.robust_rule.name != "none":
+        problems += robust_problems(cfg, fed)
     if problems:
         raise ConfigError(problems)
     return fed, uplink, downlink
+
+
+def robust_problems(cfg: RunConfig, fed: FedStrategy) -> list[str]:
+    """Why ``aggregation.robust`` cannot serve this run (empty: it can).
+
+    Every rule compares the clients' uploads tensor by tensor, so their uploads must
+    mean the same thing on every client (one rank; not Ferret's coordinates, FedSpine's
+    pruned factors, FLoRA's fresh A per client, HetLoRA's shrinking ranks). The
+    aggregate rules (median, trimmed-mean, geomed) replace the strategy's mean, so the
+    strategy's aggregate must be a mean of the uploads.
+    """
+    name = cfg.strategy.name
+    rule = cfg.aggregation.robust_rule
+    key = f"aggregation.robust={cfg.aggregation.robust!r}"
+    out = []
+    if name in INCOMPARABLE_STRATEGIES:
+        out.append(f"{key} does not apply to strategy {name!r}: {INCOMPARABLE_STRATEGIES[name]}")
+    elif not fed.lossy_codecs:
+        out.append(
+            f"{key} does not apply to strategy {name!r}: it needs the exact client tensors, "
+            "whose meaning only it knows"
+        )
+    if len(set(cfg.lora.rank_list)) > 1:
+        out.append(
+            f"{key} needs one rank for every client: uploads of different ranks "
+            f"(lora.ranks={cfg.lora.ranks!r}) cannot be compared coordinate by coordinate"
+        )
+    if not rule.selects and name not in INCOMPARABLE_STRATEGIES and (
+        fed.needs_individual_updates or fed.own_global_update
+    ):
+        why = fed.own_global_update or (
+            "it computes its global update from each client's factors (products, "
+            "residuals or an SVD), and a median of A and a median of B is not a median of BA"
+        )
+        out.append(
+            f"{key} replaces the strategy's mean of the uploads, which strategy {name!r} "
+            f"does not compute: {why}; use a rule that keeps whole clients (krum:f, "
+            "multi-krum:f, cosine-filter)"
+        )
+    n = cfg.federation.sampled
+    if rule.name in ("krum", "multi-krum") and n <= 2 * rule.param + 2:
+        out.append(
+            f"{key}: Krum tolerates f attackers among n clients only when n > 2f + 2; "
+            f"{n} clients are sampled per round"
+        )
+    if rule.name == "trimmed-mean" and rule.param > 0 and int(rule.param * n) == 0:
+        out.append(
+            f"{key}: with {n} clients per round it trims int({rule.param:g}·{n}) = 0 "
+            "values from each side, a plain mean; raise β or the clients per round"
+        )
+    if cfg.privacy.dp != "none":
+        out.append(
+            f"{key} with privacy.dp: the DP noise is calibrated to a mean of clipped "
+            "updates, and a rule that looks at each update changes that sensitivity; "
+            "use one or the other"
+        )
+    return out
 
 
 def device_profiles(mix: str, nodes: Sequence[NodeInfo]) -> dict[int, tuple[str, DeviceProfile]]:
