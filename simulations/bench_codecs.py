@@ -72,6 +72,7 @@ ENTRIES: dict[str, dict[str, Any]] = {
         "budget.bytes-per-round": 6000,
     },
     "lora-sb": {"strategy.name": "lora-sb"},
+    "lora-sb+fp16+zstd": {"strategy.name": "lora-sb", **_both("fp16+zstd")},
     "lora-sb+int8+zstd": {"strategy.name": "lora-sb", **_both("int8+zstd")},
     "lora-sb+int4+zstd": {"strategy.name": "lora-sb", **_both("int4+zstd")},
     "ferret-lora": {"strategy.name": "ferret", "ferret.mode": "lora"},
