@@ -14,7 +14,15 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedpeft.checkpoint import check_client_states, keep_details_until, load_for_resume
+from fedpeft.checkpoint import (
+    Expected,
+    architecture_of,
+    check_client_states,
+    keep_details_until,
+    load_for_resume,
+    run_identity,
+    write_identity,
+)
 from fedpeft.config import parse_run_config
 from fedpeft.ledger import ByteLedger
 from fedpeft.results import RunResults, write_config
@@ -48,15 +56,41 @@ class ServerRun:
         self.ckpt_dir = checkpoint_dir(cfg)
         self.details = self.out_dir / "details.jsonl"
         self.resumed = None
-        if cfg.checkpoint.resume:  # a continuation: its checkpoint must exist and be readable
-            self.resumed = load_for_resume(self.ckpt_dir, cfg.federation.rounds)
-            check_client_states(self.ckpt_dir, self.resumed.server_round)
-            keep_details_until(self.details, self.resumed.server_round)
-        write_config(self.out_dir, cfg.to_flat(), cfg.seed)
+        if not cfg.checkpoint.resume:
+            write_config(self.out_dir, cfg.to_flat(), cfg.seed)
         self.task = get_task(cfg)
         self.model = self.task.model(cfg.lora.max_rank)
+        expected = self._expected()
+        if cfg.checkpoint.resume:  # a continuation: its checkpoint must exist, be readable
+            # and be this run's (identity, tensor names and shapes); nothing is changed before
+            self.resumed = load_for_resume(self.ckpt_dir, cfg.federation.rounds, expected)
+            check_client_states(self.ckpt_dir, self.resumed.server_round, expected)
+            keep_details_until(self.details, self.resumed.server_round)
+            write_config(self.out_dir, cfg.to_flat(), cfg.seed)
+        if cfg.checkpoint.every:
+            write_identity(self.ckpt_dir, expected.identity)
         self.test = self.task.test_data() if cfg.eval.server else None
         self.results = RunResults(self.out_dir, strategy=cfg.strategy.name, task=cfg.task.name)
+
+    def _expected(self) -> Expected:
+        """This run's identity and adapter shapes, which a checkpoint must match."""
+        from fedpeft.lora.peft_io import base_delta_key, lora_modules
+
+        cfg, model = self.cfg, self.model
+        optional = {}
+        for module in lora_modules(model.initial):  # base deltas (FedEx-LoRA, FLoRA, Ferret)
+            layer = model.model.get_submodule(module)
+            weight = getattr(getattr(layer, "base_layer", None), "weight", None)
+            if weight is not None:
+                shape = tuple(weight.shape)
+                flipped = getattr(layer, "fan_in_fan_out", False)
+                optional[base_delta_key(module)] = shape[::-1] if flipped else shape
+        identity = run_identity(
+            cfg.task.name, self.task.model_name, architecture_of(model.model),
+            cfg.lora.max_rank, self.task.targets, cfg.strategy.name,
+        )
+        shapes = {k: tuple(v.shape) for k, v in model.initial.items()}
+        return Expected(identity, shapes, optional, cfg.federation.clients)
 
     def evaluate(self, tensors: Mapping[str, Any]) -> dict[str, float]:
         """Server-side evaluation of a global adapter (``{}`` with ``eval.server=false``)."""
