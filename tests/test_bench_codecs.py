@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.support.scripts import load_script
+from tests.support.scripts import ROOT, load_script
 
 bench = load_script("bench_codecs")
 
@@ -60,3 +60,25 @@ def test_a_quick_run_writes_bytes_both_ways_and_the_report(tmp_path, monkeypatch
     cfg = json.loads((out / "runs" / "iid" / "sign+zstd-seed0" / "config.json").read_text())["config"]
     assert cfg["codec.uplink"] == cfg["codec.downlink"] == "sign+zstd" and cfg["codec.downlink-delta"] is True
     assert "| sign+zstd |" in (out / "codecs.md").read_text() and (out / "pareto-iid.png").is_file()
+
+
+@pytest.mark.parametrize(("name", "entry"), [("32x", "lora-sb+fp16+zstd"), ("100x", "lora-sb+int8+zstd")])
+@pytest.mark.parametrize("seed", [0, 2])
+def test_the_compressed_configs_are_the_benchmarks_runs(name, entry, seed, capsys):
+    """``simulations/configs/compressed-*.toml`` (README "Communication") are the
+    benchmark's IID runs of their entry key for key, at any ``--set seed=N``."""
+    from fedpeft.cli import main
+    from fedpeft.config import parse_run_config
+
+    config = ROOT / "simulations" / "configs" / f"compressed-{name}.toml"
+    main(["config", "--config", str(config), "--set", f"seed={seed}"])
+    got = json.loads(capsys.readouterr().out)
+    got = got.get("config", got)
+    args = bench.parser().parse_args([])
+    flat = {**bench.budget(args), **bench.SPLITS["iid"], **bench.ENTRIES[entry],
+            "train.lr": bench.lr_of(entry), "seed": seed}
+    want = parse_run_config(flat).to_flat()
+    for key in ("output.dir", "output.save-adapter"):  # where and whether the adapter is kept
+        got.pop(key, None)
+        want.pop(key, None)
+    assert got == want
