@@ -374,15 +374,79 @@ class LocalDeployment:
         ]
         if self.isolation == "process":
             cmd += ["--superexec-auth-secret-file", str(c.path(c.superexec_secret))]
-        link = self._spawn("superlink", cmd, self._env("superlink"))
+        self._link_cmd = cmd
+        self._start_link()
+
+    def _start_link(self, superexec: bool = True) -> _Child:
+        link = self._spawn("superlink", self._link_cmd, self._env("superlink"))
         self._wait_port(link, self.port)
         self.echo(f"superlink listening on {self.address} (TLS, node authentication on)")
-        if self.isolation == "process":
+        if self.isolation == "process" and superexec:
             self._spawn(
                 "superexec-serverapp",
-                self._superexec_cmd(self.port, c.superexec_secret),
+                self._superexec_cmd(self.port, self.certs.superexec_secret),
                 self._env("superexec-serverapp"),
             )
+        return link
+
+    def _kill(self, victims: Sequence[_Child]) -> None:
+        """SIGKILL each child's process group, then every descendant it had."""
+        with self._lock:
+            for child in victims:
+                child.daemon = False
+        for child in reversed(victims):
+            if child.popen.returncode is None:
+                child.descendants = _descendants(child.popen.pid)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.popen.pid, signal.SIGKILL)
+                child.popen.wait()
+            for pid in child.descendants:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        with self._lock:
+            self.children = [c for c in self.children if c not in victims]
+
+    def kill_superlink(self, superexec: bool = True) -> None:
+        """Crash the SuperLink: SIGKILL to its process group and every descendant (in
+        ``subprocess`` isolation its SuperExec and the running ServerApp).
+
+        What Flower 1.41 keeps is what ``--database`` (``state.db`` in the work
+        directory) holds: registered node keys and ids, runs and their status. The
+        ServerApp process is gone with its round in progress; ``flwr run --stream``
+        loses its stream. :meth:`run` does not count the killed SuperLink as a failure.
+        Start it again with :meth:`restart_superlink`, then resume the run from its
+        checkpoint (:meth:`resume`).
+
+        Args:
+            superexec: in ``process`` isolation, also kill the ServerApp SuperExec
+                (``False`` leaves it running, as when only the SuperLink's container
+                crashes in the compose layout).
+        """
+        names = ["superlink"] + (["superexec-serverapp"] if superexec else [])
+        victims = [c for c in self.children if c.name in names and c.popen.returncode is None]
+        if not any(c.name == "superlink" for c in victims):
+            raise FedPeftError("kill_superlink: no SuperLink is running")
+        self._kill(victims)
+        self.echo(f"killed the superlink{' and its SuperExec' if len(victims) > 1 else ''} (SIGKILL)")
+
+    def restart_superlink(self) -> _Child:
+        """Start the SuperLink again with the same command: same port, certificates,
+        node authentication and state database (and the ServerApp SuperExec in
+        ``process`` isolation unless it survived). The SuperNodes reconnect on their
+        own (:meth:`wait_online`).
+
+        Raises:
+            FedPeftError: :meth:`start_superlink` was not called, the SuperLink still
+                runs, or it did not come up.
+        """
+        if not hasattr(self, "_link_cmd"):
+            raise FedPeftError("restart_superlink: the SuperLink was never started")
+        if any(c.name == "superlink" and c.popen.poll() is None for c in self.children):
+            raise FedPeftError("restart_superlink: the SuperLink still runs; kill_superlink first")
+        survivor = any(
+            c.name == "superexec-serverapp" and c.popen.poll() is None for c in self.children
+        )
+        return self._start_link(superexec=not survivor)
 
     def _superexec_cmd(self, port: int, secret: str) -> list[str]:
         c = self.certs
@@ -548,20 +612,7 @@ class LocalDeployment:
         """
         spec = self.supernodes[name]
         victims = spec.children if superexec else spec.children[:1]
-        with self._lock:
-            for child in victims:
-                child.daemon = False
-        for child in reversed(victims):
-            if child.popen.returncode is None:
-                child.descendants = _descendants(child.popen.pid)
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(child.popen.pid, signal.SIGKILL)
-                child.popen.wait()
-            for pid in child.descendants:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-        with self._lock:
-            self.children = [c for c in self.children if c not in victims]
+        self._kill(victims)
         self.echo(f"killed {name}{' and its SuperExec' if len(victims) > 1 else ''} (SIGKILL)")
 
     def restart_supernode(self, name: str, offline_timeout: float = 120.0) -> _Child:
@@ -640,9 +691,12 @@ class LocalDeployment:
         config_path = self.work_dir / "run-config.toml"
         config_path.write_text(render_run_config(run_config))
         cmd = ["flwr", "run", str(self.app_dir), CONNECTION, "--stream", "-c", str(config_path)]
+        log_path = self.logs / "flwr-run.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0  # an earlier run's
         child = self._spawn("flwr-run", cmd, self._env("cli"), daemon=False)
         deadline = None if timeout is None else time.monotonic() + timeout
         with child.log_path.open("rb") as log:
+            log.seek(offset)
             while True:
                 self._pump(log)
                 if child.popen.poll() is not None:
@@ -655,6 +709,12 @@ class LocalDeployment:
                 if deadline is not None and time.monotonic() > deadline:
                     raise FedPeftError(f"the run did not finish within {timeout:.0f} s")
                 time.sleep(0.2)
+
+    def resume(self, run_config: Mapping[str, Scalar], timeout: float | None = None) -> int:
+        """:meth:`run` with ``checkpoint.resume = true``: a new Flower run that continues
+        ``run_config``'s run from the newest checkpoint in its ``output.dir`` (the
+        ServerApp refuses a missing or foreign checkpoint); return its exit code."""
+        return self.run({**run_config, "checkpoint.resume": True}, timeout=timeout)
 
     def _pump(self, log: IO[bytes]) -> None:
         for raw in log.readlines():
