@@ -11,15 +11,20 @@ the name its encoder consumed.
 Lossy stages only touch *data* arrays (:func:`is_data`): float32 arrays that are not
 quantization scales, so a later ``fp16`` or ``topk`` never degrades the scales an
 earlier ``int8`` relies on.
+
+The blockwise quantizers (``int8``/``int4``/``int2``, ``ternary``, ``sign``) share one
+wire layout, ``key::<tag>`` (packed values) plus ``key::scale`` (fp32, one per block),
+and one loop over the payload each way (:func:`encode_blockwise`,
+:func:`decode_blockwise`); each stage supplies only its math and packing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-from fedpeft.codecs.base import CodecContext
+from fedpeft.codecs.base import CodecContext, Payload
 from fedpeft.errors import CodecError, ConfigError
 from fedpeft.seeding import derive_seed
 
@@ -98,3 +103,107 @@ def int_param(name: str, param: str, *, low: int, high: int | None, what: str) -
             f"codec '{name}:{param}': {what} must be an integer {bound}, got {param!r}"
         )
     return value
+
+
+BlockEncodeFn = Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""``(key, flat fp32 values) -> (packed values, fp32 per-block scales)``."""
+
+BlockDecodeFn = Callable[[str, np.ndarray, int, np.ndarray], np.ndarray]
+"""``(key, packed values (1-D), n, fp32 per-block scales) -> n fp32 values``."""
+
+
+def encode_blockwise(
+    payload: Payload, *, tag: str, stage: str, values_per_byte: int, encode_fn: BlockEncodeFn
+) -> Payload:
+    """Replace each fp32 data array ``key`` by ``key::<tag>`` and ``key::scale``.
+
+    The skeleton of the blockwise quantizers (``int8``/``int4``/``int2``, ``ternary``,
+    ``sign``); ``encode_fn`` holds the stage's own math and packing. Packed values
+    (``values_per_byte > 1``) travel 1-D with the tensor's shape in ``meta[key::<tag>]``;
+    unpacked ones (``int8``) keep the tensor's shape and need no meta.
+
+    Args:
+        payload: arrays to encode; non-data arrays (:func:`is_data`) pass through.
+        tag: the stage's array tag (``"int8"``, ``"tern"``, ``"sign"``, ...).
+        stage: the stage's spec, named in error messages.
+        values_per_byte: values packed into one element of the packed array.
+        encode_fn: turns one flattened array into its packed values and scales.
+
+    Raises:
+        CodecError: an array holds NaN or inf (no finite scale exists).
+    """
+    suffix = SEP + tag
+    arrays: dict[str, np.ndarray] = {}
+    meta = dict(payload.meta)
+    for key, arr in payload.arrays.items():
+        if not is_data(key, arr):
+            put(arrays, key, arr)
+            continue
+        if not np.isfinite(arr).all():
+            raise CodecError(f"{stage} cannot encode array {key!r}: it holds NaN or inf")
+        packed, scale = encode_fn(key, arr.reshape(-1))
+        if values_per_byte == 1:
+            packed = packed.reshape(arr.shape)
+        else:
+            meta[key + suffix] = shape_to_str(arr.shape)
+        put(arrays, key + suffix, packed)
+        put(arrays, key + SCALE, scale)
+    return Payload(arrays=arrays, meta=meta)
+
+
+def decode_blockwise(
+    payload: Payload,
+    *,
+    tag: str,
+    stage: str,
+    values_per_byte: int,
+    block_size: int,
+    decode_fn: BlockDecodeFn,
+    wire_dtype: type[np.generic] = np.uint8,
+) -> Payload:
+    """Rebuild fp32 ``key`` from ``key::<tag>`` and ``key::scale`` (see :func:`encode_blockwise`).
+
+    Checks that the packed array holds ``ceil(n / values_per_byte)`` values of
+    ``wire_dtype`` and the scales ``ceil(n / block_size)`` fp32 values before
+    ``decode_fn`` turns them back into ``n`` values.
+
+    Raises:
+        CodecError: a shape entry or scale array is missing, or an array has the wrong
+            dtype or length (a truncated payload, or another block size or stage).
+    """
+    suffix = SEP + tag
+    bases = [k[: -len(suffix)] for k in payload.arrays if k.endswith(suffix)]
+    consumed = {b + SCALE for b in bases}
+    arrays: dict[str, np.ndarray] = {}
+    meta = dict(payload.meta)
+    for key, arr in payload.arrays.items():
+        if key in consumed:
+            continue
+        if not key.endswith(suffix):
+            put(arrays, key, arr)
+            continue
+        base = key[: -len(suffix)]
+        if values_per_byte == 1:  # unpacked: the array carries the tensor's shape
+            shape = arr.shape
+        else:
+            shape = meta_shape(meta, key)
+            del meta[key]
+        n = int(np.prod(shape, dtype=np.int64))
+        expected = -(-n // values_per_byte)
+        packed_shape = shape if values_per_byte == 1 else (expected,)
+        if arr.dtype != wire_dtype or arr.shape != packed_shape:
+            packing = f" packed {values_per_byte} per byte" if values_per_byte > 1 else ""
+            raise CodecError(
+                f"array {key!r} has {arr.size} {arr.dtype} values, expected {expected} "
+                f"{np.dtype(wire_dtype)} for {n} values{packing}"
+            )
+        scale = take(payload.arrays, base + SCALE, key)
+        if scale.dtype != np.float32 or scale.size != -(-n // block_size):
+            raise CodecError(
+                f"array {base + SCALE!r} has {scale.size} {scale.dtype} scales, "
+                f"expected {-(-n // block_size)} float32 for {n} values "
+                f"in blocks of {block_size}; was it encoded with {stage!r}?"
+            )
+        values = decode_fn(key, arr.reshape(-1), n, scale)
+        put(arrays, base, values.reshape(shape))
+    return Payload(arrays=arrays, meta=meta)

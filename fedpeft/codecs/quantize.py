@@ -50,19 +50,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpeft.codecs._layout import (
-    SCALE,
-    SEP,
-    int_param,
-    is_data,
-    meta_shape,
-    put,
-    shape_to_str,
-    stage_rng,
-    take,
-)
+from fedpeft.codecs._layout import decode_blockwise, encode_blockwise, int_param, stage_rng
 from fedpeft.codecs.base import CodecContext, CodecState, Payload, register_codec
-from fedpeft.errors import CodecError, ConfigError
+from fedpeft.errors import ConfigError
 
 DEFAULT_BLOCK_SIZE = 256
 
@@ -201,67 +191,37 @@ class StochasticQuantizer:
         Raises:
             CodecError: an array holds NaN or inf (no finite scale exists).
         """
-        suffix = SEP + self._tag
-        arrays: dict[str, np.ndarray] = {}
-        meta = dict(payload.meta)
-        for key, arr in payload.arrays.items():
-            if not is_data(key, arr):
-                put(arrays, key, arr)
-                continue
-            if not np.isfinite(arr).all():
-                raise CodecError(f"{self.name} cannot quantize array {key!r}: it holds NaN or inf")
+
+        def encode_fn(key: str, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             rng = stage_rng(ctx, "quantize", key)
-            q, scale = quantize_blocks(arr.reshape(-1), self.levels, self.block_size, rng)
-            if self.bits == 8:
-                put(arrays, key + suffix, q.reshape(arr.shape))
-            else:
-                put(arrays, key + suffix, pack_bits(q, self.bits))
-                meta[key + suffix] = shape_to_str(arr.shape)
-            put(arrays, key + SCALE, scale)
-        return Payload(arrays=arrays, meta=meta), state
+            q, scale = quantize_blocks(flat, self.levels, self.block_size, rng)
+            return (q if self.bits == 8 else pack_bits(q, self.bits)), scale
+
+        encoded = encode_blockwise(
+            payload,
+            tag=self._tag,
+            stage=self.name,
+            values_per_byte=8 // self.bits,
+            encode_fn=encode_fn,
+        )
+        return encoded, state
 
     def decode(self, payload: Payload, ctx: CodecContext) -> Payload:
         """Rebuild fp32 ``key`` from ``key::int<b>`` and ``key::scale``."""
-        suffix = SEP + self._tag
-        wire_dtype = np.int8 if self.bits == 8 else np.uint8
-        bases = [k[: -len(suffix)] for k in payload.arrays if k.endswith(suffix)]
-        consumed = {b + SCALE for b in bases}
-        arrays: dict[str, np.ndarray] = {}
-        meta = dict(payload.meta)
-        for key, arr in payload.arrays.items():
-            if key in consumed:
-                continue
-            if not key.endswith(suffix):
-                put(arrays, key, arr)
-                continue
-            base = key[: -len(suffix)]
-            if arr.dtype != wire_dtype:
-                raise CodecError(
-                    f"array {key!r} has dtype {arr.dtype}, expected {np.dtype(wire_dtype)}"
-                )
-            scale = take(payload.arrays, base + SCALE, key)
-            if self.bits == 8:
-                shape = arr.shape
-                q = arr.reshape(-1)
-            else:
-                shape = meta_shape(meta, key)
-                del meta[key]
-                n = int(np.prod(shape, dtype=np.int64))
-                per_byte = 8 // self.bits
-                if arr.shape != (-(-n // per_byte),):
-                    raise CodecError(
-                        f"array {key!r} holds {arr.size} bytes, expected "
-                        f"{-(-n // per_byte)} for {n} values packed {per_byte} per byte"
-                    )
-                q = unpack_bits(arr, n, self.bits)
-            if scale.dtype != np.float32 or scale.size != -(-q.size // self.block_size):
-                raise CodecError(
-                    f"array {base + SCALE!r} has {scale.size} {scale.dtype} scales, "
-                    f"expected {-(-q.size // self.block_size)} float32 for {q.size} values "
-                    f"in blocks of {self.block_size}; was it encoded with {self.name!r}?"
-                )
-            put(arrays, base, dequantize_blocks(q, scale, self.block_size).reshape(shape))
-        return Payload(arrays=arrays, meta=meta)
+
+        def decode_fn(key: str, packed: np.ndarray, n: int, scale: np.ndarray) -> np.ndarray:
+            q = packed if self.bits == 8 else unpack_bits(packed, n, self.bits)
+            return dequantize_blocks(q, scale, self.block_size)
+
+        return decode_blockwise(
+            payload,
+            tag=self._tag,
+            stage=self.name,
+            values_per_byte=8 // self.bits,
+            block_size=self.block_size,
+            decode_fn=decode_fn,
+            wire_dtype=np.int8 if self.bits == 8 else np.uint8,
+        )
 
 
 def _factory(bits: int) -> Callable[[str | None], StochasticQuantizer]:

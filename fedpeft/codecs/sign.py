@@ -37,21 +37,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpeft.codecs._layout import (
-    SCALE,
-    SEP,
-    int_param,
-    is_data,
-    meta_shape,
-    put,
-    shape_to_str,
-    take,
-)
+from fedpeft.codecs._layout import decode_blockwise, encode_blockwise, int_param
 from fedpeft.codecs.base import CodecContext, CodecState, Payload, register_codec
 from fedpeft.codecs.quantize import DEFAULT_BLOCK_SIZE, as_blocks
-from fedpeft.errors import CodecError, ConfigError
+from fedpeft.errors import ConfigError
 
-TAG = SEP + "sign"
+TAG = "sign"
 
 
 def sign_blocks(flat: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,51 +109,31 @@ class ScaledSign:
         Raises:
             CodecError: an array holds NaN or inf (no finite scale exists).
         """
-        arrays: dict[str, np.ndarray] = {}
-        meta = dict(payload.meta)
-        for key, arr in payload.arrays.items():
-            if not is_data(key, arr):
-                put(arrays, key, arr)
-                continue
-            if not np.isfinite(arr).all():
-                raise CodecError(f"{self.name} cannot encode array {key!r}: it holds NaN or inf")
-            negative, scale = sign_blocks(arr.reshape(-1), self.block_size)
-            put(arrays, key + TAG, np.packbits(negative, bitorder="little"))
-            meta[key + TAG] = shape_to_str(arr.shape)
-            put(arrays, key + SCALE, scale)
-        return Payload(arrays=arrays, meta=meta), state
+
+        def encode_fn(key: str, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            negative, scale = sign_blocks(flat, self.block_size)
+            return np.packbits(negative, bitorder="little"), scale
+
+        encoded = encode_blockwise(
+            payload, tag=TAG, stage=self.name, values_per_byte=8, encode_fn=encode_fn
+        )
+        return encoded, state
 
     def decode(self, payload: Payload, ctx: CodecContext) -> Payload:
         """Rebuild fp32 ``key`` from ``key::sign`` and ``key::scale``."""
-        bases = [k[: -len(TAG)] for k in payload.arrays if k.endswith(TAG)]
-        consumed = {b + SCALE for b in bases}
-        arrays: dict[str, np.ndarray] = {}
-        meta = dict(payload.meta)
-        for key, arr in payload.arrays.items():
-            if key in consumed:
-                continue
-            if not key.endswith(TAG):
-                put(arrays, key, arr)
-                continue
-            base = key[: -len(TAG)]
-            shape = meta_shape(meta, key)
-            del meta[key]
-            n = int(np.prod(shape, dtype=np.int64))
-            if arr.dtype != np.uint8 or arr.shape != (-(-n // 8),):
-                raise CodecError(
-                    f"array {key!r} has {arr.size} {arr.dtype} values, expected "
-                    f"{-(-n // 8)} uint8 for {n} signs packed 8 per byte"
-                )
-            scale = take(payload.arrays, base + SCALE, key)
-            if scale.dtype != np.float32 or scale.size != -(-n // self.block_size):
-                raise CodecError(
-                    f"array {base + SCALE!r} has {scale.size} {scale.dtype} scales, "
-                    f"expected {-(-n // self.block_size)} float32 for {n} values "
-                    f"in blocks of {self.block_size}; was it encoded with {self.name!r}?"
-                )
-            negative = np.unpackbits(arr, count=n, bitorder="little").astype(bool)
-            put(arrays, base, unsign_blocks(negative, scale, self.block_size).reshape(shape))
-        return Payload(arrays=arrays, meta=meta)
+
+        def decode_fn(key: str, packed: np.ndarray, n: int, scale: np.ndarray) -> np.ndarray:
+            negative = np.unpackbits(packed, count=n, bitorder="little").astype(bool)
+            return unsign_blocks(negative, scale, self.block_size)
+
+        return decode_blockwise(
+            payload,
+            tag=TAG,
+            stage=self.name,
+            values_per_byte=8,
+            block_size=self.block_size,
+            decode_fn=decode_fn,
+        )
 
 
 def _sign(param: str | None) -> ScaledSign:

@@ -47,22 +47,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpeft.codecs._layout import (
-    SCALE,
-    SEP,
-    int_param,
-    is_data,
-    meta_shape,
-    put,
-    shape_to_str,
-    stage_rng,
-    take,
-)
+from fedpeft.codecs._layout import decode_blockwise, encode_blockwise, int_param, stage_rng
 from fedpeft.codecs.base import CodecContext, CodecState, Payload, register_codec
 from fedpeft.codecs.quantize import DEFAULT_BLOCK_SIZE, as_blocks, dequantize_blocks
 from fedpeft.errors import CodecError, ConfigError
 
-TAG = SEP + "tern"
+TAG = "tern"
 TRITS_PER_BYTE = 5
 _POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)  # (5,): trit j weighs 3^j
 _MAX_BYTE = 3**TRITS_PER_BYTE - 1  # 242
@@ -140,57 +130,34 @@ class TernaryQuantizer:
         Raises:
             CodecError: an array holds NaN or inf (no finite scale exists).
         """
-        arrays: dict[str, np.ndarray] = {}
-        meta = dict(payload.meta)
-        for key, arr in payload.arrays.items():
-            if not is_data(key, arr):
-                put(arrays, key, arr)
-                continue
-            if not np.isfinite(arr).all():
-                raise CodecError(f"{self.name} cannot quantize array {key!r}: it holds NaN or inf")
-            rng = stage_rng(ctx, "ternary", key)
-            q, scale = ternarize_blocks(arr.reshape(-1), self.block_size, rng)
-            put(arrays, key + TAG, pack_trits(q))
-            meta[key + TAG] = shape_to_str(arr.shape)
-            put(arrays, key + SCALE, scale)
-        return Payload(arrays=arrays, meta=meta), state
+
+        def encode_fn(key: str, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            q, scale = ternarize_blocks(flat, self.block_size, stage_rng(ctx, "ternary", key))
+            return pack_trits(q), scale
+
+        encoded = encode_blockwise(
+            payload, tag=TAG, stage=self.name, values_per_byte=TRITS_PER_BYTE, encode_fn=encode_fn
+        )
+        return encoded, state
 
     def decode(self, payload: Payload, ctx: CodecContext) -> Payload:
         """Rebuild fp32 ``key`` from ``key::tern`` and ``key::scale``."""
-        bases = [k[: -len(TAG)] for k in payload.arrays if k.endswith(TAG)]
-        consumed = {b + SCALE for b in bases}
-        arrays: dict[str, np.ndarray] = {}
-        meta = dict(payload.meta)
-        for key, arr in payload.arrays.items():
-            if key in consumed:
-                continue
-            if not key.endswith(TAG):
-                put(arrays, key, arr)
-                continue
-            base = key[: -len(TAG)]
-            shape = meta_shape(meta, key)
-            del meta[key]
-            n = int(np.prod(shape, dtype=np.int64))
-            expected = -(-n // TRITS_PER_BYTE)
-            if arr.dtype != np.uint8 or arr.shape != (expected,):
+
+        def decode_fn(key: str, packed: np.ndarray, n: int, scale: np.ndarray) -> np.ndarray:
+            if packed.size and int(packed.max()) > _MAX_BYTE:
                 raise CodecError(
-                    f"array {key!r} has {arr.size} {arr.dtype} values, expected {expected} "
-                    f"uint8 for {n} values packed {TRITS_PER_BYTE} per byte"
+                    f"array {key!r} holds byte {int(packed.max())}; packed trits are <= {_MAX_BYTE}"
                 )
-            if arr.size and int(arr.max()) > _MAX_BYTE:
-                raise CodecError(
-                    f"array {key!r} holds byte {int(arr.max())}; packed trits are <= {_MAX_BYTE}"
-                )
-            scale = take(payload.arrays, base + SCALE, key)
-            if scale.dtype != np.float32 or scale.size != -(-n // self.block_size):
-                raise CodecError(
-                    f"array {base + SCALE!r} has {scale.size} {scale.dtype} scales, "
-                    f"expected {-(-n // self.block_size)} float32 for {n} values "
-                    f"in blocks of {self.block_size}; was it encoded with {self.name!r}?"
-                )
-            q = unpack_trits(arr, n)
-            put(arrays, base, dequantize_blocks(q, scale, self.block_size).reshape(shape))
-        return Payload(arrays=arrays, meta=meta)
+            return dequantize_blocks(unpack_trits(packed, n), scale, self.block_size)
+
+        return decode_blockwise(
+            payload,
+            tag=TAG,
+            stage=self.name,
+            values_per_byte=TRITS_PER_BYTE,
+            block_size=self.block_size,
+            decode_fn=decode_fn,
+        )
 
 
 def _ternary(param: str | None) -> TernaryQuantizer:
