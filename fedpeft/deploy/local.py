@@ -427,7 +427,8 @@ class LocalDeployment:
         if not any(c.name == "superlink" for c in victims):
             raise FedPeftError("kill_superlink: no SuperLink is running")
         self._kill(victims)
-        self.echo(f"killed the superlink{' and its SuperExec' if len(victims) > 1 else ''} (SIGKILL)")
+        also = " and its SuperExec" if len(victims) > 1 else ""
+        self.echo(f"killed the superlink{also} (SIGKILL)")
 
     def restart_superlink(self) -> _Child:
         """Start the SuperLink again with the same command: same port, certificates,

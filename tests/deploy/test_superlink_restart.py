@@ -2,8 +2,9 @@
 
 Real loopback deployment (``LocalDeployment``, warm ClientApps): SuperLink
 (``--database state.db``) + 2 SuperNodes under TLS and node authentication, tiny-bert,
-3 rounds. Once the round-1 checkpoint is written the SuperLink is SIGKILLed (with its
-SuperExec and the ServerApp), started again with the same port, certificates and state
+3 rounds. Once the round-1 checkpoint is written and both SuperNodes received their
+round-2 training message, the SuperLink is SIGKILLed (with its SuperExec and the
+ServerApp) while the ClientApps train, started again with the same port, certificates and state
 database; the SuperNodes reconnect by themselves and the run is submitted again with
 ``checkpoint.resume = true`` (:meth:`LocalDeployment.resume`), a new Flower run that
 redoes round 2 and does round 3.
@@ -63,6 +64,12 @@ def _runs(dep: LocalDeployment) -> dict[str, dict]:
     return {r["run-id"]: r for r in json.loads(proc.stdout)["runs"]}
 
 
+def _received(dep: LocalDeployment, node: str, kind: str) -> int:
+    """How many ``kind`` messages SuperNode ``node`` has received (its log)."""
+    log = dep.logs / f"{node}.log"
+    return log.read_text(errors="replace").count(f"Receiving: {kind} message")
+
+
 def _adapter(results: pathlib.Path) -> dict:
     files = sorted((results / "adapter").glob("*.safetensors"))
     assert len(files) == 1, files
@@ -113,6 +120,12 @@ def test_a_killed_superlink_restarts_and_the_run_resumes_to_the_same_adapter(tmp
             assert time.monotonic() < deadline, "no round-1 checkpoint\n" + "\n".join(lines[-60:])
             time.sleep(0.2)
         mark("round 1 checkpointed")
+        # round 2's training messages reached both nodes: the ClientApps are training
+        while not all(_received(dep, n.name, "train") >= 2 for n in certs.nodes):
+            assert runner.is_alive(), f"the run ended in round 2: {outcome}"
+            assert time.monotonic() < deadline, "round 2 was not sent\n" + "\n".join(lines[-60:])
+            time.sleep(0.1)
+        mark("round 2 sent")
         dep.kill_superlink()
         mark("superlink killed")
         runner.join(120)
@@ -154,8 +167,24 @@ def test_a_killed_superlink_restarts_and_the_run_resumes_to_the_same_adapter(tmp
         for d in (reference, resumed)
     ]
     assert rounds_of[0] == rounds_of[1], rounds_of  # round 2 recorded once, not twice
+    # every number of every round, round 2 included (redone from the round-1 state);
+    # not compared: wall times, the order of the clients' replies, node ids (the
+    # reference's are in-process ones) and downlink_bytes (each message carries the
+    # checkpoint path, whose length differs between the two output directories)
+    same = (
+        "accuracy",
+        "loss",
+        "train_loss",
+        "uplink_bytes",
+        "uplink_payload_bytes",
+        "downlink_payload_bytes",
+        "sampled",
+        "failed",
+        "rejected",
+    )
     for x, y in zip(ref_summary["rounds"], summary["rounds"], strict=True):
-        assert x.get("accuracy") == y.get("accuracy"), (x, y)
+        assert {k: x.get(k) for k in same} == {k: y.get(k) for k in same}, (x, y)
+    assert ref_summary["totals"]["uplink_bytes"] == summary["totals"]["uplink_bytes"]
 
     deadline = time.monotonic() + 15
     while (left := processes_with_env(f"FLWR_HOME={work}")) and time.monotonic() < deadline:
