@@ -162,6 +162,10 @@ def test_a_killed_superlink_restarts_and_the_run_resumes_to_the_same_adapter(tmp
     assert a.keys() == b.keys()
     differ = [k for k in a if not bool((a[k] == b[k]).all())]
     assert differ == [], differ
+    # the state database kept the node ids: rounds before and after the restart name
+    # the same nodes, those registered at the start
+    ids = {c["node_id"] for r in summary["rounds"][1:] for c in r["clients"]}
+    assert ids == set(dep.node_ids.values()), (ids, dep.node_ids)
     rounds_of = [
         [json.loads(line)["round"] for line in (d / "details.jsonl").read_text().splitlines()]
         for d in (reference, resumed)
