@@ -34,7 +34,11 @@ Only processes this module started (and their children) are ever signalled.
 
 :meth:`LocalDeployment.kill_supernode` crashes one SuperNode mid-run (SIGKILL, as a
 power cut would) and :meth:`LocalDeployment.restart_supernode` starts it again with the
-same key, node config and ports (reconnection tests, ``tests/deploy/test_reconnect.py``).
+same key, node config and ports (reconnection tests, ``tests/deploy/test_reconnect.py``);
+:meth:`LocalDeployment.kill_superlink` / :meth:`LocalDeployment.restart_superlink` do the
+same to the SuperLink (same port, certificates and state database) and
+:meth:`LocalDeployment.resume` continues the interrupted run from its checkpoint
+(``tests/deploy/test_superlink_restart.py``).
 """
 
 from __future__ import annotations
@@ -413,7 +417,10 @@ class LocalDeployment:
         What Flower 1.41 keeps is what ``--database`` (``state.db`` in the work
         directory) holds: registered node keys and ids, runs and their status. The
         ServerApp process is gone with its round in progress; ``flwr run --stream``
-        loses its stream. :meth:`run` does not count the killed SuperLink as a failure.
+        exits with code 1 ("Connection to the SuperLink is unavailable"); the SuperNodes
+        keep retrying and reconnect after the restart. The database lists the run as
+        running until its task token expires (2 x 30 s), then ``finished:failed``.
+        :meth:`run` does not count the killed SuperLink as a failure.
         Start it again with :meth:`restart_superlink`, then resume the run from its
         checkpoint (:meth:`resume`).
 
