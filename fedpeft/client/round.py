@@ -154,20 +154,20 @@ def run_client_round(
     )
     codec_started = time.perf_counter()
     target = cfg.budget.bytes_per_round
-    budget_metrics: dict[str, float] = {}
+
+    def encode(codec_state: Mapping[str, np.ndarray]) -> tuple[Payload, Any, dict[str, float]]:
+        if not target:
+            return (*encode_tensors(upload, uplink, dict(codec_state), up_ctx), {})
+        # budget.bytes-per-round: the topk fraction that fits the target this round
+        fitted = encode_within(upload, uplink, dict(codec_state), up_ctx, target)
+        return fitted.payload, fitted.state, {
+            "uplink-fraction": fitted.fraction, "uplink-fitted-bytes": float(fitted.nbytes),
+        }
+
     try:
-        if target:
-            fitted = encode_within(upload, uplink, dict(codec_state), up_ctx, target)
-        else:
-            encoded, new_codec_state = encode_tensors(upload, uplink, dict(codec_state), up_ctx)
+        encoded, new_codec_state, budget_metrics = encode(codec_state)
     except FedPeftError:  # shapes changed since the residuals were kept (new rank)
-        if target:
-            fitted = encode_within(upload, uplink, {}, up_ctx, target)
-        else:
-            encoded, new_codec_state = encode_tensors(upload, uplink, {}, up_ctx)
-    if target:
-        encoded, new_codec_state = fitted.payload, fitted.state
-        budget_metrics = {"uplink-fraction": fitted.fraction, "uplink-fitted-bytes": float(fitted.nbytes)}
+        encoded, new_codec_state, budget_metrics = encode({})
     codec_seconds += time.perf_counter() - codec_started
     metrics = {
         NUM_EXAMPLES: result.num_examples,
