@@ -329,6 +329,7 @@ def test_overwrite_leaves_nothing_of_the_old_run(run_dir, tmp_path, cache):
     assert sorted(p.name for p in (run_dir / "checkpoint").iterdir()) == [
         "LATEST",
         "ckpt-000001",
+        "ckpt-identity.json",  # what the checkpoints belong to (fedpeft.checkpoint)
         "clients",
     ]
     clients = sorted(
@@ -365,7 +366,7 @@ def test_a_failed_run_never_sits_beside_another_runs_files(run_dir, tmp_path, ca
     assert json.loads((run_dir / "config.json").read_text())["config"]["faults.crash-rate"] == 1.0
     assert _rounds(run_dir) == [0]  # the new run's summary, not the old one's
     assert not (run_dir / "adapter").exists()
-    assert not (run_dir / "checkpoint").exists() or not any((run_dir / "checkpoint").glob("ckpt-*"))
+    assert not (run_dir / "checkpoint").exists() or not any((run_dir / "checkpoint").glob("ckpt-[0-9]*"))
 
 
 # ----------------------------------------------------------- mistakes → error:
