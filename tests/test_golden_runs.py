@@ -6,9 +6,22 @@ tiny random BERT, and its final adapter is reduced to a fingerprint: per tensor 
 float64 sum and the sum of squares, plus a projection on a fixed random vector. The
 recorded values were printed by ``python -m tests.test_golden_runs`` on the code before
 the refactor with 2 torch threads, which the test pins. Same thread count, same
-values to the last bit here; the tolerance (relative 1e-3) absorbs float reordering on
-another CPU (1 vs 2 threads moves them by ~1e-4), not a behaviour change: a changed seed,
-plan, payload or aggregation moves them by far more.
+values to the last bit here; the tolerance absorbs float reordering on another CPU (1 vs
+2 threads moves them by ~1e-4), not a behaviour change: a changed seed, plan, payload or
+aggregation moves them by far more.
+
+The tolerance is relative 1e-3 for the sum of squares and the loss, which cannot cancel.
+The sum and the projection are signed sums that do cancel (fedspine's sum is -1.57 over
+values whose squares add up to 83), so a relative tolerance on them measures the
+cancellation, not the reordering: they get 1e-3 of their natural scale, sqrt(sum of
+squares), the size a random-sign sum of these values has. In CI's full-suite run
+(2026-12-07) fedspine's sum moved by 3.2e-3 (2e-3 relative, 3.5e-4 of that scale) with the
+loss equal to 8e-9 and the squares to 1e-7; the same case in a fresh process, twice in
+one process, after each other case, and after every in-process test file gives the
+recorded values to the last bit here, so the cause is an ordering or machine effect at
+rounding level (Adam turns rounding-level gradients of near-zero entries into full
+steps), not a changed computation. A changed computation moves the sum by about
+sqrt(squares) itself, 1000x the tolerance.
 """
 
 from __future__ import annotations
@@ -99,8 +112,10 @@ def test_results_match_the_pre_refactor_fingerprint(name, tmp_path):
     finally:
         torch.set_num_threads(threads)
     want = GOLDEN[name]
+    scale = math.sqrt(want["squares"])  # the size of a random-sign sum of these values
     for key, value in want.items():
-        assert math.isclose(got[key], value, rel_tol=1e-3, abs_tol=1e-6), (name, key, got, want)
+        abs_tol = 1e-3 * scale if key in ("sum", "projection") else 1e-6
+        assert math.isclose(got[key], value, rel_tol=1e-3, abs_tol=abs_tol), (name, key, got, want)
 
 
 if __name__ == "__main__":  # print the fingerprints of the current code
