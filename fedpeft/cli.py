@@ -8,6 +8,9 @@ Commands:
   checked is checked before Ray starts (:mod:`fedpeft.preflight`); a results directory
   that holds a run is refused unless ``--overwrite``; ``--resume DIR`` continues a run
   and refuses options that would change its results (:data:`RESUME_MAY_CHANGE`).
+* ``fedpeft deploy-local`` — the same run on a real loopback deployment (SuperLink and
+  SuperNodes with TLS and node authentication); ``--resume DIR`` continues a run there
+  under the same rules.
 * ``fedpeft strategies`` — list registered strategies.
 * ``fedpeft config`` — print the resolved configuration (or the problems in it).
 * ``fedpeft compare RUN_DIR... --out REPORT_DIR`` — compare finished runs: a table,
@@ -147,6 +150,26 @@ def _continuation(run_dir: pathlib.Path, recorded: FlatConfig, given: FlatConfig
             f"{', '.join(RESUME_MAY_CHANGE)} may; start a new run (--out) to change the others"
         )
     return flat
+
+
+def _deploy_nodes(args: argparse.Namespace, flat: FlatConfig) -> int:
+    """The SuperNode count of ``deploy-local``: ``--nodes`` (default 2), which
+    ``--clients`` must equal; with ``--resume``, the resumed run's client count, which
+    ``--nodes`` may repeat but not change (each node holds one partition)."""
+    if args.resume:
+        recorded = int(flat["federation.clients"])
+        if args.nodes is not None and args.nodes != recorded:
+            raise FedPeftError(
+                f"--resume: the run has {recorded} clients, one per SuperNode; --nodes "
+                f"{args.nodes} would change it (pass --nodes {recorded} or leave it out)"
+            )
+        return recorded
+    nodes = 2 if args.nodes is None else args.nodes
+    if nodes < 1:
+        raise FedPeftError(f"deploy-local: --nodes must be at least 1, got {nodes}")
+    if args.clients is not None and args.clients != nodes:
+        raise FedPeftError(f"deploy-local: --clients ({args.clients}) must equal --nodes ({nodes})")
+    return nodes
 
 
 def build_flat_config(args: argparse.Namespace) -> FlatConfig:
@@ -378,7 +401,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "deploy-local", help="run on a real loopback deployment (TLS + SuperNode authentication)"
     )
     _add_run_options(dep_p)
-    dep_p.add_argument("--nodes", type=int, default=2, help="number of SuperNodes (default 2)")
+    dep_p.add_argument(
+        "--nodes", type=int, help="number of SuperNodes (default 2; with --resume, the run's)"
+    )
+    dep_p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue an interrupted or finished run from its checkpoint, on a fresh "
+        "deployment (a new Flower run; the options may only extend it, as for simulate)",
+    )
     dep_p.add_argument("--certs", help="a `fedpeft certs` directory (default: fresh keys)")
     dep_p.add_argument("--isolation", default="subprocess", choices=["subprocess", "process"])
     dep_p.add_argument(
@@ -460,23 +491,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedpeft.deploy.local import deploy_local
             from fedpeft.preflight import prepare_run
 
-            _env_defaults()
-            if args.clients is not None and args.clients != args.nodes:
+            if args.overwrite and args.resume:
                 raise FedPeftError(
-                    f"deploy-local: --clients ({args.clients}) must equal --nodes ({args.nodes})"
+                    "--overwrite cannot be combined with --resume, which continues the run"
                 )
+            _env_defaults()
             flat = build_flat_config(args)
-            flat["federation.clients"] = args.nodes
+            nodes = _deploy_nodes(args, flat)
+            flat["federation.clients"] = nodes
             flat = prepare_run(flat, overwrite=args.overwrite)  # fail before any process starts
             node_configs = [parse_overrides(n.split(",")) for n in args.node_config or []]
-            node_configs += [{}] * (args.nodes - len(node_configs))
+            node_configs += [{}] * (nodes - len(node_configs))
             deploy_local(
                 flat,
-                args.nodes,
+                nodes,
                 certs_dir=args.certs,
                 work_dir=args.work_dir,
                 isolation=args.isolation,
-                node_configs=node_configs[: args.nodes],
+                node_configs=node_configs[:nodes],
                 warm=args.warm,
             )
         elif command == "config":
