@@ -91,6 +91,21 @@ def no_param(name: str, param: str | None) -> None:
         raise ConfigError(f"codec {name!r} takes no parameter, got '{name}:{param}'")
 
 
+DEFAULT_BLOCK_SIZE = 256
+"""Values per scale of the blockwise stages unless their spec says otherwise."""
+
+
+def check_block_size(owner: str, block_size: int) -> None:
+    """Refuse a block size below 1, naming the stage's class."""
+    if block_size < 1:
+        raise ConfigError(f"{owner}.block_size must be >= 1, got {block_size!r}")
+
+
+def block_spec(tag: str, block_size: int) -> str:
+    """A blockwise stage's spec: ``tag``, with ``":<block_size>"`` if not the default."""
+    return tag if block_size == DEFAULT_BLOCK_SIZE else f"{tag}:{block_size}"
+
+
 def int_param(name: str, param: str, *, low: int, high: int | None, what: str) -> int:
     """Parse ``param`` as an integer in ``[low, high]`` for stage ``name``."""
     try:

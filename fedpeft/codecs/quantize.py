@@ -50,11 +50,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpeft.codecs._layout import decode_blockwise, encode_blockwise, int_param, stage_rng
+from fedpeft.codecs._layout import (
+    DEFAULT_BLOCK_SIZE,
+    block_spec,
+    check_block_size,
+    decode_blockwise,
+    encode_blockwise,
+    int_param,
+    stage_rng,
+)
 from fedpeft.codecs.base import CodecContext, CodecState, Payload, register_codec
 from fedpeft.errors import ConfigError
-
-DEFAULT_BLOCK_SIZE = 256
 
 
 def as_blocks(flat: np.ndarray, block_size: int) -> np.ndarray:
@@ -157,10 +163,7 @@ class StochasticQuantizer:
     def __post_init__(self) -> None:
         if self.bits not in (2, 4, 8):
             raise ConfigError(f"StochasticQuantizer.bits must be 2, 4 or 8, got {self.bits!r}")
-        if self.block_size < 1:
-            raise ConfigError(
-                f"StochasticQuantizer.block_size must be >= 1, got {self.block_size!r}"
-            )
+        check_block_size("StochasticQuantizer", self.block_size)
 
     @property
     def levels(self) -> int:
@@ -174,9 +177,7 @@ class StochasticQuantizer:
     @property
     def name(self) -> str:
         """Spec ``"int8"`` / ``"int4"`` / ``"int2"``, with ``":<block_size>"`` if not 256."""
-        if self.block_size == DEFAULT_BLOCK_SIZE:
-            return self._tag
-        return f"{self._tag}:{self.block_size}"
+        return block_spec(self._tag, self.block_size)
 
     @property
     def lossless(self) -> bool:

@@ -37,10 +37,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpeft.codecs._layout import decode_blockwise, encode_blockwise, int_param
+from fedpeft.codecs._layout import (
+    DEFAULT_BLOCK_SIZE,
+    block_spec,
+    check_block_size,
+    decode_blockwise,
+    encode_blockwise,
+    int_param,
+)
 from fedpeft.codecs.base import CodecContext, CodecState, Payload, register_codec
-from fedpeft.codecs.quantize import DEFAULT_BLOCK_SIZE, as_blocks
-from fedpeft.errors import ConfigError
+from fedpeft.codecs.quantize import as_blocks
 
 TAG = "sign"
 
@@ -81,15 +87,12 @@ class ScaledSign:
     block_size: int = DEFAULT_BLOCK_SIZE
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ConfigError(f"ScaledSign.block_size must be >= 1, got {self.block_size!r}")
+        check_block_size("ScaledSign", self.block_size)
 
     @property
     def name(self) -> str:
         """Spec ``"sign"``, with ``":<block_size>"`` if not 256."""
-        if self.block_size == DEFAULT_BLOCK_SIZE:
-            return "sign"
-        return f"sign:{self.block_size}"
+        return block_spec("sign", self.block_size)
 
     @property
     def lossless(self) -> bool:

@@ -47,10 +47,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpeft.codecs._layout import decode_blockwise, encode_blockwise, int_param, stage_rng
+from fedpeft.codecs._layout import (
+    DEFAULT_BLOCK_SIZE,
+    block_spec,
+    check_block_size,
+    decode_blockwise,
+    encode_blockwise,
+    int_param,
+    stage_rng,
+)
 from fedpeft.codecs.base import CodecContext, CodecState, Payload, register_codec
-from fedpeft.codecs.quantize import DEFAULT_BLOCK_SIZE, as_blocks, dequantize_blocks
-from fedpeft.errors import CodecError, ConfigError
+from fedpeft.codecs.quantize import as_blocks, dequantize_blocks
+from fedpeft.errors import CodecError
 
 TAG = "tern"
 TRITS_PER_BYTE = 5
@@ -107,15 +115,12 @@ class TernaryQuantizer:
     block_size: int = DEFAULT_BLOCK_SIZE
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ConfigError(f"TernaryQuantizer.block_size must be >= 1, got {self.block_size!r}")
+        check_block_size("TernaryQuantizer", self.block_size)
 
     @property
     def name(self) -> str:
         """Spec ``"ternary"``, with ``":<block_size>"`` if not 256."""
-        if self.block_size == DEFAULT_BLOCK_SIZE:
-            return "ternary"
-        return f"ternary:{self.block_size}"
+        return block_spec("ternary", self.block_size)
 
     @property
     def lossless(self) -> bool:
