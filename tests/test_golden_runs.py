@@ -18,9 +18,9 @@ squares), the size a random-sign sum of these values has. In CI's full-suite run
 (2026-12-07) fedspine's sum moved by 3.2e-3 (2e-3 relative, 3.5e-4 of that scale) with the
 loss equal to 8e-9 and the squares to 1e-7; the same case in a fresh process, twice in
 one process, after each other case, and after every in-process test file gives the
-recorded values to the last bit here, so the cause is an ordering or machine effect at
-rounding level (Adam turns rounding-level gradients of near-zero entries into full
-steps), not a changed computation. A changed computation moves the sum by about
+recorded values to the last bit here. The cause was not found; the figures say it acts
+at rounding level (perhaps amplified by Adam, which turns rounding-level gradients of
+near-zero entries into full steps), not a changed computation. A changed computation moves the sum by about
 sqrt(squares) itself, 1000x the tolerance.
 """
 
