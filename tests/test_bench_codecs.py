@@ -82,3 +82,17 @@ def test_the_compressed_configs_are_the_benchmarks_runs(name, entry, seed, capsy
         got.pop(key, None)
         want.pop(key, None)
     assert got == want
+
+
+@pytest.mark.parametrize("entry", list(bench.ENTRIES))
+def test_every_entry_is_a_valid_run_config(entry):
+    """Each entry's keys, with its learning rate, pass the config validation a run does
+    first (a typo or a refused combination fails here, not hours into the benchmark)."""
+    from fedpeft.config import parse_run_config
+
+    args = bench.parser().parse_args([])
+    flat = {**bench.budget(args), **bench.SPLITS["iid"], **bench.ENTRIES[entry], "train.lr": bench.lr_of(entry)}
+    cfg = parse_run_config(flat).to_flat()
+    assert cfg["train.lr"] == bench.lr_of(entry)
+    if entry == "ferret-full":
+        assert cfg["train.lr"] == 5e-5 and cfg["ferret.mode"] == "full"
