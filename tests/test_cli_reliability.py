@@ -136,10 +136,13 @@ def _rounds(directory: pathlib.Path) -> list[int]:
 
 
 def _snapshot(directory: pathlib.Path) -> dict[str, bytes]:
+    """Every file's bytes but the run lock's (its holder record is not run data)."""
+    from fedpeft.server.lock import LOCK_NAME
+
     return {
         str(p.relative_to(directory)): p.read_bytes()
         for p in sorted(directory.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != LOCK_NAME
     }
 
 

@@ -421,26 +421,29 @@ def run_server(
         observer: progress callbacks.
     """
     run = ServerRun(run_config, observer)
-    progress = ProgressGrid(grid, run.observer)
-    nodes = discover_nodes(progress, run.cfg)
-    engine, state, listeners = run.start(nodes)
-    adapter = FlowerStrategyAdapter(engine, state, listeners, run.observer)
-    remaining = run.cfg.federation.rounds - state.round
-    if remaining > 0:
-        try:
-            wrap_privacy(run.cfg, adapter).start(
-                grid=FaultGrid(progress, run.cfg.faults, run.cfg.seed),
-                initial_arrays=rec.tensors_to_record(state.global_tensors),
-                num_rounds=remaining,
-                timeout=run.cfg.federation.timeout,
-                evaluate_fn=adapter.evaluate,
-            )
-        except RoundFailed as err:
-            run.stop(err, "failed")
-            raise
-        except BudgetExhausted as err:
-            run.stop(err, "budget")
-    return run.finish(adapter.state)
+    try:
+        progress = ProgressGrid(grid, run.observer)
+        nodes = discover_nodes(progress, run.cfg)
+        engine, state, listeners = run.start(nodes)
+        adapter = FlowerStrategyAdapter(engine, state, listeners, run.observer)
+        remaining = run.cfg.federation.rounds - state.round
+        if remaining > 0:
+            try:
+                wrap_privacy(run.cfg, adapter).start(
+                    grid=FaultGrid(progress, run.cfg.faults, run.cfg.seed),
+                    initial_arrays=rec.tensors_to_record(state.global_tensors),
+                    num_rounds=remaining,
+                    timeout=run.cfg.federation.timeout,
+                    evaluate_fn=adapter.evaluate,
+                )
+            except RoundFailed as err:
+                run.stop(err, "failed")
+                raise
+            except BudgetExhausted as err:
+                run.stop(err, "budget")
+        return run.finish(adapter.state)
+    finally:
+        run.close()
 
 
 def make_server_app(

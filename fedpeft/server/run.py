@@ -23,11 +23,12 @@ from fedpeft.checkpoint import (
     run_identity,
     write_identity,
 )
-from fedpeft.config import parse_run_config
+from fedpeft.config import RunConfig, parse_run_config
 from fedpeft.ledger import ByteLedger
 from fedpeft.results import RunResults, write_config
 from fedpeft.server.engine import RoundEngine, ServerState
 from fedpeft.server.listeners import Checkpointer, Observer, Progress, ResultsWriter, RoundListener
+from fedpeft.server.lock import OutputLock
 from fedpeft.server.setup import build_strategy, checkpoint_dir, resolve_output_dir
 from fedpeft.types import NodeInfo
 
@@ -43,8 +44,6 @@ class ServerRun:
     """
 
     def __init__(self, run_config: Mapping[str, Any], observer: Observer | None = None) -> None:
-        from fedpeft.tasks import get_task
-
         self.observer = observer or Observer()
         cfg = parse_run_config(run_config)
         self.fed, self.uplink, self.downlink = build_strategy(cfg)
@@ -54,6 +53,23 @@ class ServerRun:
         )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = checkpoint_dir(cfg)
+        # one writer per directory, taken before anything is written (see OutputLock)
+        self._locks = [OutputLock(self.out_dir)]
+        uses_ckpt = cfg.checkpoint.every or cfg.checkpoint.resume
+        if uses_ckpt and not self.ckpt_dir.is_relative_to(self.out_dir):
+            self._locks.append(OutputLock(self.ckpt_dir))
+        try:
+            for lock in self._locks:
+                lock.acquire()
+            self._setup(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cfg: RunConfig) -> None:
+        """Everything after the locks: config record, model, checkpoint, test data."""
+        from fedpeft.tasks import get_task
+
         self.details = self.out_dir / "details.jsonl"
         self.resumed = None
         if not cfg.checkpoint.resume:
@@ -71,6 +87,11 @@ class ServerRun:
             write_identity(self.ckpt_dir, expected.identity)
         self.test = self.task.test_data() if cfg.eval.server else None
         self.results = RunResults(self.out_dir, strategy=cfg.strategy.name, task=cfg.task.name)
+
+    def close(self) -> None:
+        """Release the output directory (the process's exit would too)."""
+        for lock in self._locks:
+            lock.release()
 
     def _expected(self) -> Expected:
         """This run's identity and adapter shapes, which a checkpoint must match."""

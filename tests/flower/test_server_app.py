@@ -47,6 +47,7 @@ def test_results_files_and_schema(tiny_config):
 
 
 def test_bytes_match_the_adapter_size(tiny_config):
+    model_cache.clear_cache()  # so that the only model cached is this run's
     results, grid = _run(tiny_config)
     cfg_model = model_cache._CACHE  # the server's model is cached in this process
     adapter = next(v for k, v in cfg_model.items() if isinstance(k, tuple) and k[4] == "model")
