@@ -16,6 +16,8 @@ Each problem is a :class:`~fedpeft.errors.FedPeftError` (``error:`` line, exit 2
 * a new run never lands on another run's files: a results directory that already
   holds a run is refused unless ``overwrite`` (then that run's files, checkpoints
   included, are deleted first, after every other check has passed);
+* no run starts on a directory a live run holds (its lock, :mod:`fedpeft.server.lock`):
+  neither ``overwrite`` nor a resume touches a run in progress;
 * a resumed run has a readable checkpoint (``LATEST`` and its files) and client
   states, and ``federation.rounds`` does not go below the rounds it holds.
 """
@@ -81,6 +83,7 @@ def prepare_run(flat: FlatConfig, *, overwrite: bool = False) -> FlatConfig:
         FedPeftError: the first problem found (see the module docstring).
     """
     from fedpeft.checkpoint import check_client_states, load_for_resume
+    from fedpeft.server.lock import check_unlocked
     from fedpeft.server.setup import checkpoint_dir, resolve_output_dir
 
     cfg = check_config(flat)
@@ -89,6 +92,8 @@ def prepare_run(flat: FlatConfig, *, overwrite: bool = False) -> FlatConfig:
     writable_dir(out_dir, "--out (output.dir)")
     if cfg.checkpoint.dir:
         writable_dir(ckpt_dir, "checkpoint.dir")
+    for directory in {out_dir, ckpt_dir}:  # a live run's files are neither resumed nor deleted
+        check_unlocked(directory)
     if cfg.checkpoint.resume:
         ckpt = load_for_resume(ckpt_dir, cfg.federation.rounds)
         check_client_states(ckpt_dir, ckpt.server_round)

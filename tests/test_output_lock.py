@@ -98,3 +98,21 @@ def test_run_server_releases_the_directory_when_it_ends(tmp_path):
     lock = OutputLock(out)
     lock.acquire()  # nothing holds it any more
     lock.release()
+
+
+@pytest.mark.parametrize("how", ["overwrite", "resume"])
+def test_the_command_line_neither_deletes_nor_resumes_a_run_in_progress(tmp_path, how):
+    from fedpeft.preflight import prepare_run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    holder = _holder(out)
+    try:
+        flat = {**TINY, "output.dir": str(out), "checkpoint.resume": how == "resume"}
+        with pytest.raises(FedPeftError, match=f"pid {holder.pid} "):
+            prepare_run(flat, overwrite=how == "overwrite")
+        assert (out / "summary.json").read_text() == "{}"
+    finally:
+        holder.kill()
+        holder.wait()

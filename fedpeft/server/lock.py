@@ -58,19 +58,7 @@ class OutputLock:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "{}"
-            handle.close()
-            raise FedPeftError(
-                f"output directory {self.path.parent} is in use by another fedpeft run "
-                f"({_describe(holder)}): two runs writing one directory would interleave "
-                "their checkpoints. If the SuperLink restarted in `process` isolation, the "
-                "first run's ServerApp survived and finishes the run by itself: wait for it "
-                "(or stop it) before resuming, or choose another output.dir"
-            ) from None
+        _lock_or_raise(handle, self.path)
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({
@@ -92,6 +80,40 @@ class OutputLock:
     def held(self) -> bool:
         """Whether this object holds the lock."""
         return self._handle is not None
+
+
+def check_unlocked(directory: pathlib.Path) -> None:
+    """Raise if a live run holds ``directory``'s lock; change nothing.
+
+    For the command line's checks before a run starts (``--overwrite`` deletes files and
+    ``--resume`` continues a checkpoint: neither may touch a directory in use).
+
+    Raises:
+        FedPeftError: the directory is in use (the holder is named).
+    """
+    path = pathlib.Path(directory) / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return
+    with open(path, encoding="utf-8") as handle:
+        _lock_or_raise(handle, path)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock_or_raise(handle: IO[str], path: pathlib.Path) -> None:
+    """``flock`` ``handle`` exclusively without waiting; closes it and raises if held."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "{}"
+        handle.close()
+        raise FedPeftError(
+            f"output directory {path.parent} is in use by another fedpeft run "
+            f"({_describe(holder)}): two runs writing one directory would interleave "
+            "their checkpoints. If the SuperLink restarted in `process` isolation, the "
+            "first run's ServerApp survived and finishes the run by itself: wait for it "
+            "(or stop it) before resuming, or choose another output.dir"
+        ) from None
 
 
 def _describe(holder: str) -> str:
