@@ -68,8 +68,9 @@ from bench_heterogeneity import NO_OUTLIER_REJECTION, final, paired  # noqa: E40
 ATTACKS = ("sign-flip", "scale:10", "gaussian:0.1", "same-value", "label-flip", "backdoor")
 """The attacks of the full matrix (``faults.attack`` values). ``scale:10`` boosts the
 update tenfold (Bagdasaryan et al. boost by n/η); ``gaussian:0.1``: per-entry σ far
-above a LoRA update's entries (~1e-3 after 30 AdamW steps at 5e-4), so that two noisy
-clients derail a mean."""
+above a LoRA update's entries (~1e-3 after 30 AdamW steps at 5e-4), chosen so that two
+noisy clients would derail a mean — measured (2026-12-07, 20 %, seed 0), they cost the
+undefended FedIT only 0.9 point: the honest rounds that follow repair most of it."""
 
 DEFENCES = ("none", "clip", "median", "trimmed-mean", "krum", "multi-krum", "geomed", "cosine-filter")
 """Defence labels: ``none``, the norm clip (``validation.clip-norm``) and every rule of
