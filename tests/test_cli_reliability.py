@@ -26,6 +26,7 @@ import pytest
 
 from tests.conftest import TINY
 from tests.support.cli_env import cli_env
+from tests.support.files import snapshot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = {**TINY, "federation.clients": 2}  # 2 rounds, 2 clients, tiny random BERT
@@ -135,22 +136,11 @@ def _rounds(directory: pathlib.Path) -> list[int]:
     return [r["round"] for r in json.loads((directory / "summary.json").read_text())["rounds"]]
 
 
-def _snapshot(directory: pathlib.Path) -> dict[str, bytes]:
-    """Every file's bytes but the run lock's (its holder record is not run data)."""
-    from fedpeft.server.lock import LOCK_NAME
-
-    return {
-        str(p.relative_to(directory)): p.read_bytes()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != LOCK_NAME
-    }
-
-
 # ----------------------------------------------------------------------- resume
 
 
 def test_resume_refuses_options_that_change_results_naming_both_values(run_dir, tmp_path):
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     proc = fedpeft(
         tmp_path,
         "simulate",
@@ -167,7 +157,7 @@ def test_resume_refuses_options_that_change_results_naming_both_values(run_dir, 
     assert "train.lr 0.005 → 0.01" in line
     assert "strategy.name 'fedit' → 'fedsa-lora'" in line
     assert "federation.rounds" not in line.split("(recorded → given):")[1].split(". Only")[0]
-    assert _snapshot(run_dir) == before  # nothing written
+    assert snapshot(run_dir) == before  # nothing written
 
 
 def test_resume_continues_with_more_rounds_without_mixing(run_dir, tmp_path, cache):
@@ -212,12 +202,12 @@ def test_resume_without_a_readable_checkpoint_index_is_an_error_not_a_fresh_star
         latest.unlink()
     else:
         latest.write_text("ckpt-000099")
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     proc = fedpeft(tmp_path, "simulate", "--resume", str(run_dir), "--rounds", "3")
     line = one_error_line(proc)
     assert str(latest) in line
     assert ("does not exist" in line) if damage == "deleted" else ("'ckpt-000099'" in line)
-    assert _snapshot(run_dir) == before  # details.jsonl and summary.json untouched
+    assert snapshot(run_dir) == before  # details.jsonl and summary.json untouched
 
 
 class _Foreign:
@@ -302,11 +292,11 @@ def test_unreadable_client_state_in_a_ray_worker_fails_the_run_naming_it(run_dir
 
 
 def test_results_directory_holding_a_run_is_refused_without_overwrite(run_dir, tmp_path):
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     proc = fedpeft(tmp_path, "simulate", "--out", str(run_dir), "--rounds", "1", *SETS)
     line = one_error_line(proc)
     assert f"{run_dir} already holds a run" in line and "--overwrite" in line
-    assert _snapshot(run_dir) == before
+    assert snapshot(run_dir) == before
 
 
 def test_overwrite_leaves_nothing_of_the_old_run(run_dir, tmp_path, cache):

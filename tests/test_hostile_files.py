@@ -35,6 +35,7 @@ from fedpeft.checkpoint import (
     safetensors_header,
 )
 from fedpeft.errors import FedPeftError
+from tests.support.files import snapshot
 
 BASE = {
     "task.name": "synthetic",
@@ -73,17 +74,6 @@ def resume(run_dir: pathlib.Path, out: pathlib.Path | None = None, **changes):
         **changes,
     }
     return ServerRun(flat)
-
-
-def snapshot(directory: pathlib.Path) -> dict[str, bytes]:
-    """Every file's bytes but the run lock's (its holder record is not run data)."""
-    from fedpeft.server.lock import LOCK_NAME
-
-    return {
-        str(p.relative_to(directory)): p.read_bytes()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != LOCK_NAME
-    }
 
 
 def drop_identity(run_dir: pathlib.Path) -> None:
