@@ -36,7 +36,11 @@ Data attacks change what the attacker trains on (classification tasks only):
   :data:`TARGET_CLASS` (BadNets-style poisoning, Gu et al., 2017; the rare-token trigger
   ``cf`` of Kurita et al., 2020; in FL, Bagdasaryan et al., 2020). The server reports
   the attack success rate ``backdoor_asr``: the share of test inputs whose true label
-  is not the target that, with the trigger inserted, are classified as the target.
+  is not the target that, with the trigger inserted, are classified as the target; and
+  ``backdoor_flip``, the same share among those inputs the model classifies correctly
+  without the trigger. The first also counts the model's own leaning to the target
+  (``negative`` is the corpus's largest class: a clean MiniLM after 5 rounds scores
+  0.44 with no attacker at all); the second counts only what the trigger changes.
 """
 
 from __future__ import annotations

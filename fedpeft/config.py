@@ -377,7 +377,8 @@ class FaultConfig:
         attack: what attackers do (:mod:`fedpeft.attacks`): ``none``, ``sign-flip``,
             ``scale:K``, ``gaussian:SIGMA``, ``same-value[:C]`` (on their update), or
             ``label-flip``, ``backdoor[:SHARE]`` (on their training data; classification
-            only; ``backdoor`` adds ``backdoor_asr`` to the server's evaluation).
+            only; ``backdoor`` adds ``backdoor_asr`` and ``backdoor_flip`` to the server's
+            evaluation).
     """
 
     drop_rate: float = 0.0

@@ -60,6 +60,7 @@ class RoundRecord(TypedDict, total=False):
     loss: float | None  # server evaluation loss (or the train loss with eval.server off)
     perplexity: float | None  # server evaluation (causal LM)
     backdoor_asr: float  # with faults.attack=backdoor: triggered test inputs classified as the target
+    backdoor_flip: float  # …among those the model gets right untriggered (the trigger's own effect)
     uplink_payload_bytes: int  # the tensors' encoded bytes only
     downlink_payload_bytes: int
     sampled: int

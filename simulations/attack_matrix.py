@@ -35,11 +35,14 @@ complete: an interrupted matrix continues, and parts can run in parallel process
 
 Report (``--out``/``attacks.md`` and ``attacks.json``), per cell: final accuracy (mean
 ± std over seeds), its paired difference to the clean no-defence run of the same seed
-with its 95 % t-interval, the backdoor success rate (share of non-target test inputs
-classified as the target once the trigger is inserted; under ``backdoor`` only),
-updates rejected (attackers / honest clients, summed over rounds) and whether the
-issue's goal holds: at 20 % attackers the best defence within 2 points of clean and a
-backdoor success rate below 10 %; on clean data a defence costing at most 1 point.
+with its 95 % t-interval, the backdoor success rate (ASR: share of non-target test
+inputs classified as the target once the trigger is inserted; flip: the same share
+among those the model gets right without the trigger; under ``backdoor`` only; runs
+recorded before fedpeft reported the flip are rescored from their last checkpoint:
+:func:`with_backdoor_flip`), updates rejected (attackers / honest clients, summed over
+rounds) and whether the issue's goal holds: at 20 % attackers the best defence within 2
+points of clean and a flip below 10 % (:data:`ASR_GOAL` says why not the ASR); on clean
+data a defence costing at most 1 point.
 Server time per round: the round's wall time minus the clients' own seconds (clients
 train one after another in-process), i.e. receiving, validating, aggregating (the
 defence) and evaluating the new global adapter; the round record has no separate
@@ -84,7 +87,12 @@ BACKDOOR = "backdoor"
 ACCURACY_GOAL = 0.02
 """At 20 % attackers the best defence stays within 2 points of clean accuracy…"""
 ASR_GOAL = 0.10
-"""…and keeps the backdoor success rate below 10 %."""
+"""…and keeps the backdoor success rate below 10 %: judged on ``backdoor_flip``, the share
+of non-target test inputs the model gets right without the trigger that the trigger
+turns to the target. The raw ``backdoor_asr`` (every non-target input) cannot serve: the
+target, ``negative``, is the corpus's largest class, and the clean model after 5 rounds
+already sends 44 % of triggered non-target inputs there with no attacker at all (its
+``backdoor_flip`` is 1.3 %). Both are reported."""
 COST_GOAL = 0.01
 """A defence costs at most 1 point on clean data."""
 GOAL_RATE = 0.2
@@ -217,7 +225,7 @@ def run(flat: dict[str, Any], out: pathlib.Path, record_norms: bool = False) -> 
     done = completed_run(out, flat)
     if done is not None and (not record_norms or norms_file.is_file()):
         norms = json.loads(norms_file.read_text()) if norms_file.is_file() else None
-        return {"summary": done, "seconds": None, "reused": True, "norms": norms}
+        return {"summary": with_backdoor_flip(out, done), "seconds": None, "reused": True, "norms": norms}
     norms: list[float] = []
     start = time.perf_counter()
     run_in_process({**flat, "output.dir": str(out.resolve())}, tamper=update_norm_observer(norms) if record_norms else None)
@@ -226,6 +234,60 @@ def run(flat: dict[str, Any], out: pathlib.Path, record_norms: bool = False) -> 
         norms_file.write_text(json.dumps(norms))
     summary = json.loads((out / "summary.json").read_text())
     return {"summary": summary, "seconds": seconds, "reused": False, "norms": norms if record_norms else None}
+
+
+SCORES_FILE = "backdoor-scores.json"
+
+
+def with_backdoor_flip(out: pathlib.Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` with its final round's ``backdoor_flip`` filled in when the run was
+    recorded before fedpeft reported it (only ``backdoor_asr``): both are recomputed from
+    the run's last checkpoint — the final global adapter — on the run's own test set,
+    the recomputed accuracy and ``backdoor_asr`` must equal the recorded ones, and the
+    scores are kept in ``out``/``backdoor-scores.json`` (the run's own files are not
+    changed).
+
+    Raises:
+        RuntimeError: the checkpoint is not the final round's, or it does not reproduce
+            the recorded numbers.
+    """
+    last = summary["rounds"][-1]
+    if "backdoor_asr" not in last or "backdoor_flip" in last:
+        return summary
+    cache = out / SCORES_FILE
+    if cache.is_file():
+        scores = json.loads(cache.read_text())
+    else:
+        scores = rescore(out, int(last["round"]))
+        for key in ("accuracy", "backdoor_asr"):
+            if not math.isclose(scores[key], float(last[key]), abs_tol=1e-9):
+                raise RuntimeError(
+                    f"{out}: the last checkpoint gives {key} {scores[key]} but the run recorded "
+                    f"{last[key]}; not filling in backdoor_flip"
+                )
+        cache.write_text(json.dumps(scores))
+    last["backdoor_flip"] = scores["backdoor_flip"]
+    return summary
+
+
+def rescore(out: pathlib.Path, final_round: int) -> dict[str, float]:
+    """The server evaluation (accuracy, loss, ``backdoor_asr``, ``backdoor_flip``) of the
+    global adapter in ``out``'s last checkpoint, which must be of ``final_round``."""
+    from fedpeft.checkpoint import load_latest
+    from fedpeft.config import parse_run_config
+    from fedpeft.server.setup import checkpoint_dir
+    from fedpeft.tasks import get_task
+
+    flat = json.loads((out / "config.json").read_text())["config"]
+    cfg = parse_run_config({**flat, "output.dir": str(out.resolve())})  # wherever the run now lies
+    ckpt = load_latest(checkpoint_dir(cfg))
+    if ckpt is None or ckpt.server_round != final_round:
+        found = "none" if ckpt is None else f"round {ckpt.server_round}"
+        raise RuntimeError(f"{out}: no checkpoint of round {final_round} to rescore ({found})")
+    task = get_task(cfg)
+    model = task.model(cfg.lora.max_rank)
+    model.load(ckpt.global_tensors)
+    return task.evaluate(model, task.test_data())
 
 
 def clip_from(norms: list[float] | None) -> float | None:
@@ -273,6 +335,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         nonlocal done
         if args.report_only:
             summary = completed_run(out, flat)
+            summary = None if summary is None else with_backdoor_flip(out, summary)
             norms_file = out / NORMS_FILE
             norms = json.loads(norms_file.read_text()) if norms_file.is_file() else None
             return None if summary is None else {"summary": summary, "norms": norms}
@@ -381,6 +444,7 @@ def cell_stats(
     diffs = [accs[s] - c for s in accs if s in clean and (c := final(clean[s])) is not None]
     delta, half = paired(diffs) if diffs else (float("nan"), float("nan"))
     asr = [v for r in runs.values() if (v := final(r, "backdoor_asr")) is not None]
+    flip = [v for r in runs.values() if (v := final(r, "backdoor_flip")) is not None]
     rej = [rejections(r, attackers.get(s)) for s, r in runs.items()]
     bad = [b for _, b in rej if b is not None]
     return {
@@ -390,6 +454,7 @@ def cell_stats(
         "delta": delta,
         "half": half,
         "asr": statistics.fmean(asr) if asr else None,
+        "flip": statistics.fmean(flip) if flip else None,
         "rejected": sum(t for t, _ in rej),
         "rejected_attackers": sum(bad) if bad else (0 if not rej else None),
         "server_seconds": statistics.fmean(server_seconds(r) for r in runs.values()) if runs else float("nan"),
@@ -397,10 +462,11 @@ def cell_stats(
 
 
 def meets_attack_goal(stats: Mapping[str, Any], backdoor: bool) -> bool:
-    """Within 2 points of clean accuracy and, under the backdoor, success below 10 %."""
+    """Within 2 points of clean accuracy and, under the backdoor, a trigger-caused
+    success (``backdoor_flip``, see :data:`ASR_GOAL`) below 10 %."""
     if not math.isfinite(stats["delta"]) or stats["delta"] < -ACCURACY_GOAL:
         return False
-    return not backdoor or (stats["asr"] is not None and stats["asr"] < ASR_GOAL)
+    return not backdoor or (stats["flip"] is not None and stats["flip"] < ASR_GOAL)
 
 
 def meets_cost_goal(stats: Mapping[str, Any]) -> bool:
@@ -433,6 +499,10 @@ def _asr(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
+def _backdoor(s: Mapping[str, Any]) -> str:
+    return f"{_asr(s['asr'])} / {_asr(s['flip'])}"
+
+
 def _rejected(s: Mapping[str, Any]) -> str:
     if s["rejected_attackers"] is None:
         return str(s["rejected"])
@@ -452,13 +522,15 @@ def render(results: Mapping[str, Any]) -> str:
         f"steps of batch {b['train.batch-size']} at lr {b['train.lr']:g}, model {b['model.name']}, FedIT, "
         f"seeds {results['seeds']}. Δ: paired difference to the clean no-defence run of the same seed "
         "(95 % t-interval). ASR: backdoor success rate, the share of non-target test inputs classified as "
-        "the target once the trigger is inserted. Rejected: updates left out over all rounds, attackers / "
+        "the target once the trigger is inserted; flip: the same share among the non-target inputs the model "
+        "classifies correctly without the trigger (what the trigger itself changes; the goal is judged on "
+        "it, as the clean model's own leaning to the target class inflates the ASR). Rejected: updates left out over all rounds, attackers / "
         "honest clients. Server s: per round, the round's wall time minus the clients' own seconds "
         "(receiving, validating, aggregating and evaluating; the round record keeps no aggregation time "
         "of its own). No outlier rejection (validation.norm-factor = 0) in any run.",
         "",
-        f"Clean, no defence: accuracy {clean['accuracy']:.3f} ± {clean['std']:.3f}; ASR of the trigger "
-        f"without any attacker {_asr(clean['asr'])} (the baseline a backdoor's ASR is read against)."
+        f"Clean, no defence: accuracy {clean['accuracy']:.3f} ± {clean['std']:.3f}; ASR / flip of the trigger "
+        f"without any attacker {_backdoor(clean)} (the baselines a backdoor's are read against)."
         + (f" Clip norm (median honest update norm of that run): {', '.join(f'seed {s}: {v:.4g}' for s, v in clips.items())}."
            if clips else ""),
         "",
@@ -466,7 +538,7 @@ def render(results: Mapping[str, Any]) -> str:
         "",
         f"Goal: ≤ {100 * COST_GOAL:.0f} point below clean no-defence.",
         "",
-        "| defence | accuracy | Δ vs clean | ASR (no attacker) | rejected (honest) | server s / round | Δ server s | ≤ 1 point |",
+        "| defence | accuracy | Δ vs clean | ASR / flip (no attacker) | rejected (honest) | server s / round | Δ server s | ≤ 1 point |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for spec, cell in results["clean"].items():
@@ -477,7 +549,7 @@ def render(results: Mapping[str, Any]) -> str:
         extra = f" ({cell['note']})" if cell.get("note") else ""
         lines.append(
             f"| {spec}{extra} | {s['accuracy']:.3f} ± {s['std']:.3f} | {'—' if spec == CLEAN_DEFENCE else _delta(s)} "
-            f"| {_asr(s['asr'])} | {s['rejected']} | {s['server_seconds']:.2f} "
+            f"| {_backdoor(s)} | {s['rejected']} | {s['server_seconds']:.2f} "
             f"| {s['server_seconds'] - clean['server_seconds']:+.2f} | {goal} |"
         )
     for rate, table in results["attacked"].items():
@@ -487,12 +559,12 @@ def render(results: Mapping[str, Any]) -> str:
         if goal_rate:
             lines += [
                 f"Goal: the best defence within {100 * ACCURACY_GOAL:.0f} points of clean and, under the backdoor, "
-                f"ASR < {100 * ASR_GOAL:.0f} %.", "",
+                f"flip < {100 * ASR_GOAL:.0f} %.", "",
             ]
         else:
             lines += ["Reported as measured (the goal is stated at 20 %).", ""]
         lines += [
-            "| attack | defence | accuracy | Δ vs clean | ASR | rejected (attackers / honest) | meets goal |",
+            "| attack | defence | accuracy | Δ vs clean | ASR / flip | rejected (attackers / honest) | meets goal |",
             "|---|---|---|---|---|---|---|",
         ]
         summary_rows = []
@@ -508,18 +580,18 @@ def render(results: Mapping[str, Any]) -> str:
                 ok = "yes" if meets_attack_goal(s, backdoor) else "no"
                 lines.append(
                     f"| {attack} | {label} | {s['accuracy']:.3f} ± {s['std']:.3f} | {_delta(s)} "
-                    f"| {_asr(s['asr']) if backdoor else '—'} | {_rejected(s)} | {ok} |"
+                    f"| {_backdoor(s) if backdoor else '—'} | {_rejected(s)} | {ok} |"
                 )
             best, ok = best_defence(stats, backdoor)
             if best is not None:
                 s = stats[best]
-                asr = f", ASR {_asr(s['asr'])}" if backdoor else ""
+                asr = f", ASR / flip {_backdoor(s)}" if backdoor else ""
                 verdict = ("**met**" if ok else "**not met**") if goal_rate else ("within" if ok else "outside")
                 summary_rows.append(f"| {attack} | {cells[best].get('spec', best)} | {_delta(s)}{asr} | {verdict} |")
         if summary_rows:
             lines += ["", "Best defence per attack:", "", "| attack | best defence | Δ vs clean | goal |", "|---|---|---|---|",
                       *summary_rows]
-        lines += ["", "Δ accuracy vs clean (ASR under the backdoor):", ""]
+        lines += ["", "Δ accuracy vs clean (flip under the backdoor):", ""]
         defences = [d for d in results["defences"] if any(d in cells for cells in table.values())]
         lines += ["| attack | " + " | ".join(defences) + " |", "|---|" + "---|" * len(defences)]
         for attack, cells in table.items():
@@ -531,7 +603,7 @@ def render(results: Mapping[str, Any]) -> str:
                     row.append("—")
                     continue
                 s = cell_stats(cell["runs"], clean_runs)
-                row.append(f"{s['delta']:+.3f}" + (f" ({_asr(s['asr'])})" if backdoor else ""))
+                row.append(f"{s['delta']:+.3f}" + (f" ({_asr(s['flip'])})" if backdoor else ""))
             lines.append(f"| {attack} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

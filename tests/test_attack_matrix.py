@@ -72,16 +72,17 @@ def test_the_clip_norm_is_the_median_honest_norm_and_other_defences_ignore_it():
 # -- cell logic on synthetic summaries ----------------------------------------------------
 
 
-def summary(acc, asr=None, rejected=(0, 0), kept=None, seconds=2.0, client_seconds=0.5):
-    """A two-round summary: final accuracy, backdoor ASR, per-round rejections, the
-    partitions kept (default all of 0..9)."""
+def summary(acc, asr=None, rejected=(0, 0), kept=None, seconds=2.0, client_seconds=0.5, flip=None):
+    """A two-round summary: final accuracy, backdoor ASR and flip (default: the ASR),
+    per-round rejections, the partitions kept (default all of 0..9)."""
+    flip = asr if flip is None else flip
     kept = list(range(10)) if kept is None else kept
     rounds = [{"round": 0, "accuracy": 0.3, "seconds": 0.0}]
     for r, rej in enumerate(rejected, start=1):
         rounds.append({
             "round": r, "accuracy": acc, "rejected": rej, "seconds": seconds,
             "clients": [{"partition_id": p, "client_seconds": client_seconds} for p in kept],
-            **({"backdoor_asr": asr} if asr is not None else {}),
+            **({"backdoor_asr": asr, "backdoor_flip": flip} if asr is not None else {}),
         })
     return {"clients": 10, "rounds": rounds}
 
@@ -113,11 +114,12 @@ def test_server_seconds_are_the_round_minus_the_clients():
     assert matrix.server_seconds(s) == pytest.approx(2.0)
 
 
-def test_the_attack_goal_needs_two_points_and_under_the_backdoor_asr_below_ten_percent():
+def test_the_attack_goal_needs_two_points_and_under_the_backdoor_a_flip_below_ten_percent():
     clean = {0: summary(0.60)}
-    close = matrix.cell_stats({0: summary(0.585, asr=0.05)}, clean)
+    close = matrix.cell_stats({0: summary(0.585, asr=0.45, flip=0.05)}, clean)  # a high ASR alone does not fail
     far = matrix.cell_stats({0: summary(0.57, asr=0.05)}, clean)
     leaky = matrix.cell_stats({0: summary(0.60, asr=0.12)}, clean)
+    assert close["asr"] == 0.45 and close["flip"] == 0.05
     assert matrix.meets_attack_goal(close, backdoor=True) and matrix.meets_attack_goal(close, backdoor=False)
     assert not matrix.meets_attack_goal(far, backdoor=False)
     assert not matrix.meets_attack_goal(leaky, backdoor=True) and matrix.meets_attack_goal(leaky, backdoor=False)
@@ -150,10 +152,10 @@ def test_the_report_marks_the_goal_at_20_percent_and_reports_40_percent_as_measu
         },
     }
     text = matrix.render(results)
-    assert "ASR of the trigger without any attacker 0.300" in text and "seed 0: 1.5" in text
-    assert "| median | 0.585 ± 0.000 | -0.015 | 0.200 | 0 |" in text and "| **no** |" in text  # cost > 1 point
-    assert "| backdoor | median | -0.010, ASR 0.050 | **met** |" in text
-    assert "| backdoor | median | -0.080, ASR 0.600 | outside |" in text
+    assert "ASR / flip of the trigger without any attacker 0.300 / 0.300" in text and "seed 0: 1.5" in text
+    assert "| median | 0.585 ± 0.000 | -0.015 | 0.200 / 0.200 | 0 |" in text and "| **no** |" in text  # cost > 1 point
+    assert "| backdoor | median | -0.010, ASR / flip 0.050 / 0.050 | **met** |" in text
+    assert "| backdoor | median | -0.080, ASR / flip 0.600 / 0.600 | outside |" in text
     assert "Reported as measured" in text
     assert "| backdoor | -0.050 (0.900) | -0.010 (0.050) |" in text
 
@@ -180,7 +182,7 @@ def test_the_quick_matrix_writes_every_cell_of_its_grid(quick):
         cfg = json.loads((out / "runs" / "rate0" / "clean" / f"{spec.replace(':', '-')}-seed0" / "config.json")
                          .read_text())["config"]
         assert cfg["faults.byzantine-rate"] == 0 and cfg["faults.attack"] == "backdoor"
-    assert "| ASR |" in text and "ASR (no attacker)" in text and "Best defence per attack" in text
+    assert "| ASR / flip |" in text and "ASR / flip (no attacker)" in text and "Best defence per attack" in text
     assert (out / "runs" / "rate0" / "clean" / "none-seed0" / matrix.NORMS_FILE).is_file()
     saved = json.loads((out / "attacks.json").read_text())
     assert set(saved["attacked"]["0.2"]) == {"scale:10", "backdoor"}
@@ -200,7 +202,34 @@ def test_the_quick_matrix_counts_what_multi_krum_rejects(quick):
     cell = results["attacked"]["0.2"]["scale:10"]["multi-krum"]
     assert matrix.cell_stats(cell["runs"], {}, cell["attackers"])["rejected_attackers"] == 4
     backdoor = results["attacked"]["0.2"]["backdoor"]["none"]["runs"][0]
-    assert "backdoor_asr" in backdoor["rounds"][-1]
+    assert {"backdoor_asr", "backdoor_flip"} <= set(backdoor["rounds"][-1])
+
+
+def test_a_run_recorded_before_the_flip_is_rescored_from_its_last_checkpoint(quick, tmp_path):
+    """A copy of a quick backdoor run with ``backdoor_flip`` removed (as runs recorded
+    before fedpeft reported it): the rescoring reproduces the recorded accuracy and ASR
+    from the final checkpoint, fills in the same flip as the live evaluation, and keeps
+    it beside the run; a checkpoint that does not reproduce the record is refused."""
+    import shutil
+
+    out, _ = quick
+    run = tmp_path / "moved"  # elsewhere than recorded: the checkpoint is found beside the run
+    shutil.copytree(out / "runs" / "rate0.2" / "backdoor" / "none-seed0", run)
+    live = json.loads((run / "summary.json").read_text())
+    old = json.loads((run / "summary.json").read_text())
+    flip = old["rounds"][-1].pop("backdoor_flip")
+    filled = matrix.with_backdoor_flip(run, old)
+    assert filled["rounds"][-1]["backdoor_flip"] == pytest.approx(flip, abs=1e-12)
+    assert filled["rounds"][-1] == live["rounds"][-1]
+    assert json.loads((run / matrix.SCORES_FILE).read_text())["backdoor_flip"] == pytest.approx(flip, abs=1e-12)
+    assert json.loads((run / "summary.json").read_text()) == live  # the run's own files unchanged
+    (run / matrix.SCORES_FILE).unlink()
+    wrong = json.loads((run / "summary.json").read_text())
+    del wrong["rounds"][-1]["backdoor_flip"]
+    wrong["rounds"][-1]["accuracy"] += 0.01
+    with pytest.raises(RuntimeError, match="recorded"):
+        matrix.with_backdoor_flip(run, wrong)
+    assert not (run / matrix.SCORES_FILE).exists()
 
 
 def test_report_only_reuses_the_complete_runs_and_runs_nothing(quick, monkeypatch):

@@ -259,6 +259,47 @@ def test_label_flip_changes_only_the_attackers_training(tiny_config):
             assert loss["flipped"][pid] == loss["clean"][pid]
 
 
+def test_predict_gives_the_classes_evaluate_counts(tiny_config):
+    from fedpeft.tasks import get_task
+
+    task = get_task(parse_run_config(tiny_config))
+    model, test = task.model(8), task.test_data()
+    predicted = task.predict(model, test)
+    assert predicted.shape == (len(test),)
+    assert (predicted == torch.tensor(test.labels).numpy()).mean() == task.evaluate(model, test)["accuracy"]
+
+
+def test_backdoor_flip_counts_only_inputs_the_model_gets_right_without_the_trigger(monkeypatch, tiny_config):
+    """Closed form with the model's predictions fixed: of the four non-target inputs
+    (labels 1, 2, 1, 2), the clean model gets the first three right; the trigger turns
+    the 1st, 2nd and 4th to the target 0. ASR = 3/4; flip = 2 of the 3 right = 2/3."""
+    import numpy as np
+
+    from fedpeft.attacks import TARGET_CLASS
+    from fedpeft.tasks import get_task
+
+    assert TARGET_CLASS == 0
+    task = get_task(parse_run_config({**tiny_config, "faults.attack": "backdoor"}))
+    labels = [1, 0, 2, 1, 0, 2]
+    data = Examples(input_ids=[[101, 7 + i, 102] for i in range(6)], labels=labels, groups=[0] * 6, label_ids=labels)
+    answers = {
+        "clean": np.array([1, 2, 1, 0]),  # right, right, right, wrong
+        "triggered": np.array([0, 0, 1, 0]),
+    }
+
+    def fake_predict(model, examples):
+        kind = "triggered" if all(len(x) == 3 + 1 for x in examples.input_ids) else "clean"
+        assert examples.labels == ([0] * 4 if kind == "triggered" else [1, 2, 1, 2])
+        return answers[kind]
+
+    monkeypatch.setattr(task, "predict", fake_predict)
+    monkeypatch.setattr("fedpeft.tasks.classification.trigger_tokens", lambda tok: ([999], frozenset({101, 102})))
+    scores = task.backdoor_success(None, data)
+    assert scores == {"backdoor_asr": 0.75, "backdoor_flip": 2 / 3}
+    answers["clean"] = np.array([0, 0, 0, 0])  # the clean model gets none right
+    assert task.backdoor_success(None, data)["backdoor_flip"] == 0.0
+
+
 def test_backdoor_reports_the_attack_success_rate_every_round(tiny_config):
     from fedpeft.flower.inprocess import run_in_process
 
@@ -266,3 +307,4 @@ def test_backdoor_reports_the_attack_success_rate_every_round(tiny_config):
     assert [r["round"] for r in results.rounds] == [0, 1, 2]
     for record in results.rounds:
         assert 0.0 <= record["backdoor_asr"] <= 1.0
+        assert 0.0 <= record["backdoor_flip"] <= 1.0

@@ -656,8 +656,9 @@ class RoundEngine:
         }
         if "perplexity" in evaluation:
             record["perplexity"] = evaluation["perplexity"]
-        if "backdoor_asr" in evaluation:  # faults.attack=backdoor (fedpeft.attacks)
-            record["backdoor_asr"] = evaluation["backdoor_asr"]
+        for key in ("backdoor_asr", "backdoor_flip"):  # faults.attack=backdoor (fedpeft.attacks)
+            if key in evaluation:
+                record[key] = evaluation[key]
         if work is not None:
             record["train_loss"] = metrics.get("train-loss")
             record["aggregation_error"] = metrics.get("aggregation_error")

@@ -35,7 +35,7 @@ from fedpeft.tasks.device import DTYPES, check_quantization, quantization_config
 from fedpeft.tasks.logit_adjust import adjusted_cross_entropy, log_prior
 from fedpeft.tasks.model import AdapterModel, cached, seeded
 from fedpeft.tasks.packages import cache_root
-from fedpeft.tasks.train import PenaltyFn, StepFn, TrainResult, evaluate, local_train
+from fedpeft.tasks.train import PenaltyFn, StepFn, TrainResult, evaluate, local_train, predict
 
 PARTITIONS_BUILT: Counter[tuple[int, int]] = Counter()
 """How often each ``(partition_id, num_partitions)`` was materialised in this process
@@ -463,3 +463,8 @@ class Task:
         return evaluate(
             model, data, self.cfg.eval.batch_size, self.loss, self.classification, self.cfg.train.precision
         )
+
+    def predict(self, model: AdapterModel, data: Examples) -> np.ndarray:
+        """Each example's predicted class, in ``data``'s order (classification), from
+        the same batches and precision as :meth:`evaluate`."""
+        return predict(model, data, self.cfg.eval.batch_size, self.loss, self.cfg.train.precision)

@@ -20,6 +20,8 @@ import pathlib
 import re
 from typing import Any
 
+import numpy as np
+
 from fedpeft.attacks import TARGET_CLASS, parse_attack, trigger_tokens, triggered_inputs
 from fedpeft.tasks.base import Task
 from fedpeft.tasks.data import Examples
@@ -164,14 +166,34 @@ class Classification(Task):
         return "SEQ_CLS"
 
     def evaluate(self, model: AdapterModel, data: Examples) -> dict[str, float]:
-        """Loss and accuracy; with ``faults.attack=backdoor`` also ``backdoor_asr``: the
-        share of ``data``'s examples whose label is not the target class that, with the
-        trigger inserted (:mod:`fedpeft.attacks`), are classified as the target."""
+        """Loss and accuracy; with ``faults.attack=backdoor`` also the backdoor's success
+        on ``data``'s examples whose label is not the target class (:mod:`fedpeft.attacks`):
+
+        * ``backdoor_asr``: the share that, with the trigger inserted, are classified
+          as the target. It counts the model's own leaning to the target class too: an
+          under-trained model that over-predicts it scores high with no attacker.
+        * ``backdoor_flip``: the same share among the examples the model classifies
+          correctly *without* the trigger — inputs the trigger itself turns to the
+          target (the attack success rate of backdoor work that scores only inputs the
+          clean model gets right; ``0.0`` when it gets none right).
+        """
         metrics = super().evaluate(model, data)
         attack = parse_attack(self.cfg.faults.attack)
         if attack is None or attack.kind != "backdoor" or len(data) == 0:
             return metrics
+        metrics.update(self.backdoor_success(model, data))
+        return metrics
+
+    def backdoor_success(self, model: AdapterModel, data: Examples) -> dict[str, float]:
+        """``{"backdoor_asr", "backdoor_flip"}`` of ``model`` on ``data`` (see :meth:`evaluate`)."""
         trigger, special = trigger_tokens(self.tok())
         triggered = triggered_inputs(data, trigger, TARGET_CLASS, self.cfg.model.max_length, special)
-        metrics["backdoor_asr"] = super().evaluate(model, triggered).get("accuracy", 0.0)
-        return metrics
+        if len(triggered) == 0:  # every example is of the target class
+            return {"backdoor_asr": 0.0, "backdoor_flip": 0.0}
+        keep = [i for i, y in enumerate(data.labels) if y != TARGET_CLASS]  # triggered's order
+        hit = self.predict(model, triggered) == TARGET_CLASS  # (n,) the trigger wins
+        right = self.predict(model, data.subset(keep)) == np.asarray([data.labels[i] for i in keep])
+        return {
+            "backdoor_asr": float(hit.mean()),
+            "backdoor_flip": float(hit[right].mean()) if right.any() else 0.0,
+        }

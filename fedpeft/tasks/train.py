@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,6 +157,24 @@ def local_train(
     )
 
 
+def _inference_batches(
+    model: AdapterModel, data: Examples, batch_size: int, loss_fn: LossFn, precision: str
+) -> Iterator[tuple[list[int], Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
+    """``(indices into data, batch, mean loss, logits)`` for every batch, under
+    ``precision``'s autocast on the model's device, in evaluation mode. Examples are
+    batched by length so padding is minimal (results do not depend on the order); one
+    batching for :func:`evaluate` and :func:`predict`, so they see the same logits."""
+    model.model.eval()
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = to_device(collate(data, idx, model.pad_id), model.device)
+            with autocast(model.device, precision):
+                loss, logits = loss_fn(model, batch)
+            yield idx, batch, loss, logits
+
+
 def evaluate(
     model: AdapterModel,
     data: Examples,
@@ -169,27 +187,29 @@ def evaluate(
     under ``precision``'s autocast on the model's device."""
     if len(data) == 0:
         return {}
-    model.model.eval()
-    device = model.device
     loss_sum, weight, correct = 0.0, 0, 0
-    # sort by length so padding is minimal; results do not depend on order
-    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = to_device(collate(data, idx, model.pad_id), device)
-            with autocast(device, precision):
-                loss, logits = loss_fn(model, batch)
-            if classification:
-                count = len(idx)
-                correct += int((logits.argmax(-1) == batch["labels"]).sum())
-            else:
-                count = int((batch["labels"][:, 1:] != -100).sum())
-            loss_sum += float(loss) * count
-            weight += count
+    for idx, batch, loss, logits in _inference_batches(model, data, batch_size, loss_fn, precision):
+        if classification:
+            count = len(idx)
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        else:
+            count = int((batch["labels"][:, 1:] != -100).sum())
+        loss_sum += float(loss) * count
+        weight += count
     out = {"loss": loss_sum / max(weight, 1)}
     if classification:
         out["accuracy"] = correct / len(data)
     else:
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    return out
+
+
+def predict(
+    model: AdapterModel, data: Examples, batch_size: int, loss_fn: LossFn, precision: str = "fp32"
+) -> np.ndarray:
+    """Each example's predicted class (the argmax of its logits), in ``data``'s order
+    (classification; shape ``(len(data),)``, int64)."""
+    out = np.zeros(len(data), dtype=np.int64)
+    for idx, _, _, logits in _inference_batches(model, data, batch_size, loss_fn, precision):
+        out[idx] = logits.argmax(-1).cpu().numpy()
     return out
