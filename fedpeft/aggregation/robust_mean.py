@@ -246,27 +246,27 @@ def robust_tensors(
 ) -> tuple[TensorDict, dict[str, float]]:
     """``r̄ + agg(U)`` per key for the aggregate rules (``median``, ``trimmed-mean``,
     ``geomed``), float64; and metrics. The geometric median is taken of the whole
-    concatenated change (one point per client), the others per coordinate."""
-    out: TensorDict = {}
+    concatenated change (one point per client), the others per coordinate — also on
+    the concatenation, one sort for every key: the same numbers as key by key, and
+    faster than many sorts of small ``(n, 384, 8)`` stacks (at 100 clients of MiniLM's
+    shapes, ``simulations/bench_robust.py`` measured the median's aggregation at about
+    half the time)."""
+    if rule not in ("median", "trimmed-mean", "geomed"):
+        raise ValueError(f"aggregation.robust: {rule!r} is not an aggregate rule")
     metrics: dict[str, float] = {}
+    flat = flat_changes(updates, global_tensors, keys)  # (n, d)
     if rule == "geomed":
-        flat = flat_changes(updates, global_tensors, keys)  # (n, d)
         z, iterations = geometric_median(flat, weights)  # (d,)
         metrics["geomed_iterations"] = float(iterations)
-        start = 0
-        for key in keys:
-            shape = updates[0].tensors[key].shape
-            size = math.prod(shape)
-            out[key] = reference(updates, global_tensors, key) + z[start : start + size].reshape(shape)
-            start += size
-        return out, metrics
+    elif rule == "median":
+        z = coordinate_median(flat)  # (d,)
+    else:
+        z = trimmed_mean(flat, param)  # (d,)
+    out: TensorDict = {}
+    start = 0
     for key in keys:
-        stack = changes(updates, global_tensors, key)  # (n, *shape)
-        if rule == "median":
-            agg = coordinate_median(stack)
-        elif rule == "trimmed-mean":
-            agg = trimmed_mean(stack, param)
-        else:
-            raise ValueError(f"aggregation.robust: {rule!r} is not an aggregate rule")
-        out[key] = reference(updates, global_tensors, key) + agg
+        shape = updates[0].tensors[key].shape
+        size = math.prod(shape)
+        out[key] = reference(updates, global_tensors, key) + z[start : start + size].reshape(shape)
+        start += size
     return out, metrics
