@@ -254,17 +254,19 @@ def with_backdoor_flip(out: pathlib.Path, summary: dict[str, Any]) -> dict[str, 
     last = summary["rounds"][-1]
     if "backdoor_asr" not in last or "backdoor_flip" in last:
         return summary
-    cache = out / SCORES_FILE
-    if cache.is_file():
-        scores = json.loads(cache.read_text())
-    else:
-        scores = rescore(out, int(last["round"]))
+    def reproduces(scores: Mapping[str, Any]) -> str | None:
         for key in ("accuracy", "backdoor_asr"):
-            if not math.isclose(scores[key], float(last[key]), abs_tol=1e-9):
-                raise RuntimeError(
-                    f"{out}: the last checkpoint gives {key} {scores[key]} but the run recorded "
-                    f"{last[key]}; not filling in backdoor_flip"
-                )
+            if not math.isclose(float(scores[key]), float(last[key]), abs_tol=1e-9):
+                return f"{key} {scores[key]} but the run recorded {last[key]}"
+        return None
+
+    cache = out / SCORES_FILE
+    scores = json.loads(cache.read_text()) if cache.is_file() else None
+    if scores is None or reproduces(scores) is not None:  # none yet, or kept for another run
+        scores = rescore(out, int(last["round"]))
+        problem = reproduces(scores)
+        if problem is not None:
+            raise RuntimeError(f"{out}: the last checkpoint gives {problem}; not filling in backdoor_flip")
         cache.write_text(json.dumps(scores))
     last["backdoor_flip"] = scores["backdoor_flip"]
     return summary

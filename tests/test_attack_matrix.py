@@ -223,6 +223,13 @@ def test_a_run_recorded_before_the_flip_is_rescored_from_its_last_checkpoint(qui
     assert filled["rounds"][-1] == live["rounds"][-1]
     assert json.loads((run / matrix.SCORES_FILE).read_text())["backdoor_flip"] == pytest.approx(flip, abs=1e-12)
     assert json.loads((run / "summary.json").read_text()) == live  # the run's own files unchanged
+    stale = {**json.loads((run / matrix.SCORES_FILE).read_text()), "backdoor_flip": 0.5, "accuracy": 0.01}
+    (run / matrix.SCORES_FILE).write_text(json.dumps(stale))  # kept for another run: not used
+    fresh = json.loads((run / "summary.json").read_text())
+    del fresh["rounds"][-1]["backdoor_flip"]
+    again = matrix.with_backdoor_flip(run, fresh)
+    assert again["rounds"][-1]["backdoor_flip"] == pytest.approx(flip, abs=1e-12)
+    assert json.loads((run / matrix.SCORES_FILE).read_text())["accuracy"] == live["rounds"][-1]["accuracy"]
     (run / matrix.SCORES_FILE).unlink()
     wrong = json.loads((run / "summary.json").read_text())
     del wrong["rounds"][-1]["backdoor_flip"]
