@@ -30,26 +30,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from attack_matrix import attacker_count, max_krum_f  # noqa: E402
+from attack_matrix import attacker_count, defence_keys  # noqa: E402
 from bench_codec_micro import median_seconds, minilm_lora  # noqa: E402
 
 RULES = ("none", "clip", "median", "trimmed-mean", "geomed", "krum", "multi-krum", "cosine-filter")
 
 
 def rule_keys(rule: str, clients: int, clip: float) -> dict[str, Any]:
-    """The config keys of ``rule`` for ``clients`` updates with 20 % attackers."""
-    m = attacker_count(0.2, clients)
-    if rule == "none":
-        return {}
-    if rule == "clip":
-        return {"validation.clip-norm": clip}
-    if rule == "trimmed-mean":
-        return {"aggregation.robust": f"trimmed-mean:{m / clients}"}
-    if rule in ("krum", "multi-krum"):
-        return {"aggregation.robust": f"{rule}:{max(1, min(m, max_krum_f(clients)))}"}
-    if rule == "cosine-filter":
-        return {"aggregation.robust": "cosine-filter:0"}
-    return {"aggregation.robust": rule}
+    """The config keys of ``rule`` for ``clients`` updates with 20 % attackers: the
+    attack matrix's own parameters (:func:`attack_matrix.defence_keys`)."""
+    return defence_keys(rule, attacker_count(0.2, clients), clients, clip)[1]
 
 
 def updates_for(clients: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[Any]]:

@@ -186,13 +186,13 @@ class Classification(Task):
 
     def backdoor_success(self, model: AdapterModel, data: Examples) -> dict[str, float]:
         """``{"backdoor_asr", "backdoor_flip"}`` of ``model`` on ``data`` (see :meth:`evaluate`)."""
-        trigger, special = trigger_tokens(self.tok())
-        triggered = triggered_inputs(data, trigger, TARGET_CLASS, self.cfg.model.max_length, special)
-        if len(triggered) == 0:  # every example is of the target class
+        clean = data.subset([i for i, y in enumerate(data.labels) if y != TARGET_CLASS])
+        if len(clean) == 0:  # every example is of the target class
             return {"backdoor_asr": 0.0, "backdoor_flip": 0.0}
-        keep = [i for i, y in enumerate(data.labels) if y != TARGET_CLASS]  # triggered's order
+        trigger, special = trigger_tokens(self.tok())
+        triggered = triggered_inputs(clean, trigger, TARGET_CLASS, self.cfg.model.max_length, special)  # clean's order
         hit = self.predict(model, triggered) == TARGET_CLASS  # (n,) the trigger wins
-        right = self.predict(model, data.subset(keep)) == np.asarray([data.labels[i] for i in keep])
+        right = self.predict(model, clean) == np.asarray(clean.labels)  # (n,) right without it
         return {
             "backdoor_asr": float(hit.mean()),
             "backdoor_flip": float(hit[right].mean()) if right.any() else 0.0,
