@@ -51,6 +51,9 @@ aggregation time. Run:
     python simulations/attack_matrix.py --out reports/attacks                 # hours
     python simulations/attack_matrix.py --quick --out /tmp/attacks            # a minute
     python simulations/attack_matrix.py --rates 0.2 --attacks backdoor --defences none,median
+    python simulations/attack_matrix.py --attacks '' --defences clip            # its clean cost only
+    python simulations/attack_matrix.py --rates 0.2 --seeds 1,2 --defences multi-krum \
+        --no-costs --no-undefended                                           # the defended cells only
 """
 
 from __future__ import annotations
@@ -317,7 +320,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     base = budget(args)
     n = int(base["federation.clients"])
     rates = [float(r) for r in args.rates.split(",")]
-    attacks = args.attacks.split(",")
+    attacks = [a for a in args.attacks.split(",") if a]  # --attacks '': the clean runs only
     defences = args.defences.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     unknown = sorted(set(defences) - set(DEFENCES))
@@ -362,7 +365,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         clip_norm[seed] = args.clip_norm if args.clip_norm is not None else clip_from(rec and rec.get("norms"))
     results["clip_norm"] = {str(s): v for s, v in clip_norm.items()}
     for defence in defences:
-        if defence == CLEAN_DEFENCE:
+        if defence == CLEAN_DEFENCE or args.no_costs:
             continue
         for rate in rates:
             for seed in seeds:
@@ -381,6 +384,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         m = attacker_count(rate, n)
         for attack in attacks:
             for defence in defences:
+                if defence == CLEAN_DEFENCE and args.no_undefended:
+                    continue
                 cell: dict[str, Any] = {"defence": defence, "runs": {}, "attackers": {}}
                 for seed in seeds:
                     try:
@@ -628,6 +633,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--clip-norm", type=float, default=None,
                         help="norm clip bound (default: the median honest update norm of the clean run)")
+    parser.add_argument("--no-costs", action="store_true",
+                        help="skip each defence's clean run (its cost on clean data); the clean no-defence run stays")
+    parser.add_argument("--no-undefended", action="store_true", help="skip the attacked runs without a defence")
     parser.add_argument("--report-only", action="store_true", help="report the complete runs; run nothing")
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, 2 rounds, a reduced grid (2 attacks × 3 defences at 20 %%): checks the script")

@@ -160,6 +160,31 @@ def test_the_report_marks_the_goal_at_20_percent_and_reports_40_percent_as_measu
     assert "| backdoor | -0.050 (0.900) | -0.010 (0.050) |" in text
 
 
+def _scheduled(monkeypatch, tmp_path, *options):
+    """The run directories ``main`` would run with ``options`` (nothing trains)."""
+    ran = []
+
+    def fake(flat, out, record_norms=False):
+        ran.append(out.relative_to(tmp_path / "runs").as_posix())
+        return {"summary": {"rounds": [{"accuracy": 0.5}]}, "seconds": 0.0, "reused": False, "norms": [1.0]}
+
+    monkeypatch.setattr(matrix, "run", fake)
+    args = matrix.parser().parse_args(["--out", str(tmp_path), "--seeds", "0", "--rates", "0.2", *options])
+    matrix.benchmark(args)
+    return ran
+
+
+def test_the_grid_options_drop_the_clean_costs_or_the_undefended_cells(monkeypatch, tmp_path):
+    full = _scheduled(monkeypatch, tmp_path, "--attacks", "sign-flip", "--defences", "multi-krum")
+    assert full == ["rate0/clean/none-seed0", "rate0/clean/multi-krum-2-seed0",
+                    "rate0.2/sign-flip/none-seed0", "rate0.2/sign-flip/multi-krum-2-seed0"]
+    defended = _scheduled(monkeypatch, tmp_path, "--attacks", "sign-flip", "--defences", "multi-krum",
+                          "--no-costs", "--no-undefended")
+    assert defended == ["rate0/clean/none-seed0", "rate0.2/sign-flip/multi-krum-2-seed0"]
+    costs = _scheduled(monkeypatch, tmp_path, "--attacks", "", "--defences", "clip,krum")
+    assert costs == ["rate0/clean/none-seed0", "rate0/clean/clip-seed0", "rate0/clean/krum-2-seed0"]
+
+
 # -- the quick matrix, end to end ---------------------------------------------------------
 
 
