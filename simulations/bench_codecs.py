@@ -24,12 +24,17 @@ so an interrupted benchmark continues and entries can be run in parallel process
 (``--entries a,b`` in one, ``--entries c,d`` in another, then one ``--report-only``).
 
 The learning rate is the reference's (5e-4) for every FedIT chain (a codec does not
-change the method) and a per-entry value for ``lora-sb`` and ``ferret-full`` (:data:`LR`
-says where it comes from). Run:
+change the method) and a per-method value for ``lora-sb`` and ``ferret-full`` (:data:`LR`
+says where it comes from). ``--tune`` first tunes the rate of each method of
+:data:`TUNE` that an entry uses, per split, on a validation share of the training pool
+(:data:`VALIDATION_SIZE` examples held out of every partition, ``eval.split=validation``,
+seed ``--tune-seed``) — never the test set — and runs that method's entries at the rate
+with the best final validation accuracy; the report lists the scores. Run:
 
     python simulations/bench_codecs.py --out reports/codecs                  # hours
     python simulations/bench_codecs.py --quick --out /tmp/codecs             # a minute
     python simulations/bench_codecs.py --splits iid --seeds 0 --entries fp32,lora-sb
+    python simulations/bench_codecs.py --tune --splits iid --seeds 0 --entries lora-sb
 """
 
 from __future__ import annotations
@@ -101,12 +106,37 @@ THRESHOLDS = (8, 16, 32, 100, 200)
 """Total-byte ratios vs fp32 FedIT the summary table looks for."""
 
 
-def lr_of(entry: str) -> float:
-    """The client learning rate of ``entry``."""
-    for prefix, lr in LR.items():
+TUNE: dict[str, tuple[float, ...]] = {"lora-sb": (5e-3, 1e-2, 2e-2, 4e-2)}
+"""Methods whose client rate ``--tune`` picks, and the grid it tries (around Fed-SB's
+large rates: only an r×r matrix per layer trains)."""
+
+VALIDATION_SIZE = 1000
+"""Examples of the training pool held out of every partition for ``--tune``."""
+
+
+def method_of(entry: str) -> str:
+    """The method an entry's rate belongs to: ``lora-sb+int8+zstd`` → ``lora-sb``; the
+    entry itself when no rate is kept for its method."""
+    for prefix in (*TUNE, *LR):
         if entry == prefix or entry.startswith(prefix + "+"):
-            return lr
-    return REFERENCE_LR
+            return prefix
+    return entry
+
+
+def lr_of(entry: str, tuned: dict[str, float] | None = None) -> float:
+    """The client learning rate of ``entry``: its method's ``tuned`` rate, else its
+    :data:`LR` value, else the reference's."""
+    method = method_of(entry)
+    return (tuned or {}).get(method, LR.get(method, REFERENCE_LR))
+
+
+def tune_config(base: dict[str, Any], split: str, method: str, lr: float, seed: int, quick: bool = False) -> dict[str, Any]:
+    """The flat config of one tuning run: ``method``'s entry at ``lr``, scored on the
+    validation share."""
+    return {
+        **base, **SPLITS[split], **ENTRIES[method], "train.lr": lr, "seed": seed,
+        "data.validation-size": 120 if quick else VALIDATION_SIZE, "eval.split": "validation",
+    }
 
 
 def budget(args: argparse.Namespace) -> dict[str, Any]:
@@ -148,27 +178,43 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     unknown = sorted(set(splits) - set(SPLITS)) + sorted(set(entries) - set(ENTRIES))
     if unknown:
         raise SystemExit(f"unknown split or entry {unknown}; splits {list(SPLITS)}, entries {list(ENTRIES)}")
-    results: dict[str, Any] = {"budget": base, "seeds": seeds, "splits": {}}
+    results: dict[str, Any] = {"budget": base, "seeds": seeds, "splits": {}, "tuning": {}}
+
+    def one(flat: dict[str, Any], out: pathlib.Path, label: str) -> dict[str, Any] | None:
+        if args.report_only:
+            from fedpeft.results import completed_run
+
+            return completed_run(out, flat)
+        rec = run(flat, out)
+        took = "reused" if rec["reused"] else f"{rec['seconds']:.0f} s"
+        print(f"{label}: accuracy {final(rec['summary'])} ({took})", flush=True)
+        return rec["summary"]
+
     for split in splits:
+        tuned: dict[str, float] = {}
+        for method in (m for m in TUNE if args.tune and any(method_of(e) == m for e in entries)):
+            scores: dict[float, float | None] = {}
+            for lr in TUNE[method]:
+                flat = tune_config(base, split, method, lr, args.tune_seed, args.quick)
+                summary = one(flat, args.out / "runs" / split / f"tune-{method}-lr{lr:g}", f"{split} tune {method} lr {lr:g}")
+                scores[lr] = None if summary is None else final(summary)
+            scored = [lr for lr in TUNE[method] if scores[lr] is not None]
+            if len(scored) < len(TUNE[method]):  # a half-done grid picks nothing
+                print(f"{split}: tuning of {method} incomplete; its entries stay at {lr_of(method)}", flush=True)
+            else:
+                tuned[method] = max(scored, key=lambda lr: scores[lr])
+            results["tuning"].setdefault(split, {})[method] = {"scores": scores, "lr": tuned.get(method)}
         table: dict[str, Any] = {}
         for entry in entries:
             runs = {}
+            lr = lr_of(entry, tuned)
             for seed in seeds:
-                flat = {**base, **SPLITS[split], **ENTRIES[entry], "train.lr": lr_of(entry), "seed": seed}
-                out = args.out / "runs" / split / f"{entry}-seed{seed}"
-                if args.report_only:
-                    from fedpeft.results import completed_run
-
-                    summary = completed_run(out, flat)
-                    if summary is not None:
-                        runs[seed] = summary
-                    continue
-                rec = run(flat, out)
-                runs[seed] = rec["summary"]
-                took = "reused" if rec["reused"] else f"{rec['seconds']:.0f} s"
-                print(f"{split} {entry} seed {seed}: accuracy {final(rec['summary'])} ({took})", flush=True)
+                flat = {**base, **SPLITS[split], **ENTRIES[entry], "train.lr": lr, "seed": seed}
+                summary = one(flat, args.out / "runs" / split / f"{entry}-seed{seed}", f"{split} {entry} seed {seed}")
+                if summary is not None:
+                    runs[seed] = summary
             if runs:
-                table[entry] = {"lr": lr_of(entry), "runs": runs}
+                table[entry] = {"lr": lr, "runs": runs}
         results["splits"][split] = table
     return results
 
@@ -212,6 +258,13 @@ def render(results: dict[str, Any]) -> str:
     for split, table in results["splits"].items():
         rs = rows(table)
         lines += ["", f"## {split}", ""]
+        for method, tuning in results.get("tuning", {}).get(split, {}).items():
+            scores = ", ".join(
+                f"{float(lr):g}: {'—' if acc is None else f'{acc:.4f}'}" for lr, acc in tuning["scores"].items()
+            )
+            chosen = "none (incomplete grid)" if tuning["lr"] is None else f"{tuning['lr']:g}"
+            lines += [f"Rate of {method}, tuned on the validation share (final accuracy per rate): {scores}; "
+                      f"chosen {chosen}.", ""]
         if split in REFERENCE:
             lines += [f"Reference FedAvg (plain Flower + peft, REFERENCE_RESULTS.md): {REFERENCE[split]}.", ""]
         lines += [
@@ -276,6 +329,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--tune", action="store_true",
+                        help=f"tune the rate of {', '.join(TUNE)} per split on a validation share first")
+    parser.add_argument("--tune-seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true", help="report the complete runs; run nothing")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds: checks the script")
     return parser

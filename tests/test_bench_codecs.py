@@ -96,3 +96,39 @@ def test_every_entry_is_a_valid_run_config(entry):
     assert cfg["train.lr"] == bench.lr_of(entry)
     if entry == "ferret-full":
         assert cfg["train.lr"] == 5e-5 and cfg["ferret.mode"] == "full"
+
+
+def test_an_entry_s_rate_is_its_method_s_tuned_then_kept_then_the_reference():
+    assert bench.method_of("lora-sb+int8+zstd") == "lora-sb" and bench.method_of("int8+zstd") == "int8+zstd"
+    assert bench.lr_of("lora-sb+int8+zstd") == bench.LR["lora-sb"]
+    assert bench.lr_of("lora-sb+int8+zstd", {"lora-sb": 1e-2}) == 1e-2
+    assert bench.lr_of("int8+zstd", {"lora-sb": 1e-2}) == bench.REFERENCE_LR
+
+
+def test_tuning_scores_each_rate_on_the_validation_share_and_runs_the_entries_at_the_best(tmp_path, monkeypatch):
+    """The validation accuracy picks the rate (peaked at 1e-2 here), never the test
+    accuracy (peaked at 4e-2); every entry of the method then runs at it."""
+    from fedpeft.config import parse_run_config
+
+    seen = []
+
+    def fake(flat, out):
+        seen.append(flat)
+        lr, validation = flat["train.lr"], flat.get("eval.split") == "validation"
+        acc = 0.6 - abs(lr - 1e-2) if validation else 0.5 + lr
+        return {"summary": _summary(acc, 1000, 1000), "seconds": 0.0, "reused": False}
+
+    monkeypatch.setattr(bench, "run", fake)
+    args = bench.parser().parse_args(["--out", str(tmp_path), "--tune", "--splits", "iid", "--seeds", "0",
+                                      "--entries", "fp32,lora-sb,lora-sb+int8+zstd"])
+    results = bench.benchmark(args)
+    tuning = results["tuning"]["iid"]["lora-sb"]
+    assert tuning["lr"] == 1e-2 and set(tuning["scores"]) == set(bench.TUNE["lora-sb"])
+    tunes = [f for f in seen if f.get("eval.split") == "validation"]
+    assert len(tunes) == len(bench.TUNE["lora-sb"])
+    assert all(f["data.validation-size"] == bench.VALIDATION_SIZE and f["strategy.name"] == "lora-sb" for f in tunes)
+    parse_run_config(tunes[0])  # a valid run config
+    table = results["splits"]["iid"]
+    assert table["lora-sb"]["lr"] == table["lora-sb+int8+zstd"]["lr"] == 1e-2
+    assert table["fp32"]["lr"] == bench.REFERENCE_LR
+    assert "chosen 0.01." in bench.render(results)
