@@ -106,10 +106,10 @@ THRESHOLDS = (8, 16, 32, 100, 200)
 """Total-byte ratios vs fp32 FedIT the summary table looks for."""
 
 
-TUNE: dict[str, tuple[float, ...]] = {"lora-sb": (5e-3, 1e-2, 2e-2, 4e-2, 8e-2, 1.6e-1)}
+TUNE: dict[str, tuple[float, ...]] = {"lora-sb": (5e-3, 1e-2, 2e-2, 4e-2, 8e-2, 1.6e-1, 3.2e-1)}
 """Methods whose client rate ``--tune`` picks, and the grid it tries (around Fed-SB's
-large rates: only an r×r matrix per layer trains; 8e-2 and 1.6e-1 were added while the grid's
-best, on IID, was its largest rate)."""
+large rates: only an r×r matrix per layer trains; the grid was extended up to 3.2e-1 while a split's
+best was its largest rate)."""
 
 VALIDATION_SIZE = 1000
 """Examples of the training pool held out of every partition for ``--tune``."""
