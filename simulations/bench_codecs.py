@@ -25,8 +25,8 @@ so an interrupted benchmark continues and entries can be run in parallel process
 
 The learning rate is the reference's (5e-4) for every FedIT chain (a codec does not
 change the method) and a per-method value for ``lora-sb`` and ``ferret-full`` (:data:`LR`
-says where it comes from). ``--tune`` first tunes the rate of each method of
-:data:`TUNE` that an entry uses, per split, on a validation share of the training pool
+says where it comes from). First (unless ``--no-tune``) it tunes the rate of each method
+of :data:`TUNE` that an entry uses, per split, on a validation share of the training pool
 (:data:`VALIDATION_SIZE` examples held out of every partition, ``eval.split=validation``,
 seed ``--tune-seed``) — never the test set — and runs that method's entries at the rate
 with the best final validation accuracy; the report lists the scores. Run:
@@ -34,7 +34,7 @@ with the best final validation accuracy; the report lists the scores. Run:
     python simulations/bench_codecs.py --out reports/codecs                  # hours
     python simulations/bench_codecs.py --quick --out /tmp/codecs             # a minute
     python simulations/bench_codecs.py --splits iid --seeds 0 --entries fp32,lora-sb
-    python simulations/bench_codecs.py --tune --splits iid --seeds 0 --entries lora-sb
+    python simulations/bench_codecs.py --no-tune --splits iid --seeds 0 --entries lora-sb   # at LR's rate
 """
 
 from __future__ import annotations
@@ -90,12 +90,12 @@ ENTRIES: dict[str, dict[str, Any]] = {
 
 LR: dict[str, float] = {"lora-sb": 8e-2, "ferret-full": 5e-5}
 """Client learning rate per method where it is not the reference's 5e-4 (:func:`lr_of`;
-``--tune`` replaces it per split for the methods of :data:`TUNE`).
+tuning replaces it per split for the methods of :data:`TUNE`, unless ``--no-tune``).
 ``ferret-full`` fine-tunes every linear layer directly, at ``bench_ferret``'s
 full-parameter rate (5e-5: a usual full fine-tuning rate, 10× below LoRA's); Ferret on
 the LoRA adapter keeps the reference's rate, as in ``bench_ferret``.
 ``lora-sb`` trains only an r×r matrix between frozen random factors and needs a larger
-rate, as Fed-SB reports. ``--tune`` (2026-12-07; 1,000 validation examples, seed 0)
+rate, as Fed-SB reports. The tuning (2026-12-07; 1,000 validation examples, seed 0)
 scored, at 5e-3 / 1e-2 / 2e-2 / 4e-2 / 8e-2 / 1.6e-1 / 3.2e-1, on IID 0.631 / 0.642 /
 0.666 / 0.682 / 0.697 / 0.670 / 0.610 (chosen: 8e-2, the value kept here and in
 ``simulations/configs/compressed-*.toml``, which are IID) and on Dirichlet α = 0.5 0.586 /
@@ -111,12 +111,12 @@ THRESHOLDS = (8, 16, 32, 100, 200)
 
 
 TUNE: dict[str, tuple[float, ...]] = {"lora-sb": (5e-3, 1e-2, 2e-2, 4e-2, 8e-2, 1.6e-1, 3.2e-1)}
-"""Methods whose client rate ``--tune`` picks, and the grid it tries (around Fed-SB's
+"""Methods whose client rate the benchmark tunes (unless ``--no-tune``), and the grid it tries (around Fed-SB's
 large rates: only an r×r matrix per layer trains; the grid was extended up to 3.2e-1 while a split's
 best was its largest rate)."""
 
 VALIDATION_SIZE = 1000
-"""Examples of the training pool held out of every partition for ``--tune``."""
+"""Examples of the training pool held out of every partition for the tuning runs."""
 
 
 def method_of(entry: str) -> str:
@@ -334,8 +334,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--tune", action="store_true",
-                        help=f"tune the rate of {', '.join(TUNE)} per split on a validation share first")
+    parser.add_argument("--no-tune", dest="tune", action="store_false",
+                        help=f"run {', '.join(TUNE)} at its LR value instead of tuning its rate per split first")
     parser.add_argument("--tune-seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true", help="report the complete runs; run nothing")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds: checks the script")

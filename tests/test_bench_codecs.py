@@ -119,7 +119,7 @@ def test_tuning_scores_each_rate_on_the_validation_share_and_runs_the_entries_at
         return {"summary": _summary(acc, 1000, 1000), "seconds": 0.0, "reused": False}
 
     monkeypatch.setattr(bench, "run", fake)
-    args = bench.parser().parse_args(["--out", str(tmp_path), "--tune", "--splits", "iid", "--seeds", "0",
+    args = bench.parser().parse_args(["--out", str(tmp_path), "--splits", "iid", "--seeds", "0",
                                       "--entries", "fp32,lora-sb,lora-sb+int8+zstd"])
     results = bench.benchmark(args)
     tuning = results["tuning"]["iid"]["lora-sb"]
@@ -132,3 +132,13 @@ def test_tuning_scores_each_rate_on_the_validation_share_and_runs_the_entries_at
     assert table["lora-sb"]["lr"] == table["lora-sb+int8+zstd"]["lr"] == 1e-2
     assert table["fp32"]["lr"] == bench.REFERENCE_LR
     assert "chosen 0.01." in bench.render(results)
+
+
+def test_no_tune_keeps_the_kept_rate_and_runs_no_tuning(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "run", lambda flat, out: seen.append(flat) or
+                        {"summary": _summary(0.6, 1000, 1000), "seconds": 0.0, "reused": False})
+    args = bench.parser().parse_args(["--out", str(tmp_path), "--no-tune", "--splits", "iid", "--seeds", "0",
+                                      "--entries", "lora-sb"])
+    results = bench.benchmark(args)
+    assert [f["train.lr"] for f in seen] == [bench.LR["lora-sb"]] and results["tuning"] == {}
