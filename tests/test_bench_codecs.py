@@ -107,7 +107,7 @@ def test_an_entry_s_rate_is_its_method_s_tuned_then_kept_then_the_reference():
 
 def test_tuning_scores_each_rate_on_the_validation_share_and_runs_the_entries_at_the_best(tmp_path, monkeypatch):
     """The validation accuracy picks the rate (peaked at 1e-2 here), never the test
-    accuracy (peaked at 4e-2); every entry of the method then runs at it."""
+    accuracy (rising with the rate); every entry of the method then runs at it."""
     from fedpeft.config import parse_run_config
 
     seen = []
