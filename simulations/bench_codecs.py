@@ -135,11 +135,16 @@ def lr_of(entry: str, tuned: dict[str, float] | None = None) -> float:
     return (tuned or {}).get(method, LR.get(method, REFERENCE_LR))
 
 
+def run_config(base: dict[str, Any], split: str, entry: str, lr: float, seed: int) -> dict[str, Any]:
+    """The flat config of one run of ``entry`` at ``lr``."""
+    return {**base, **SPLITS[split], **ENTRIES[entry], "train.lr": lr, "seed": seed}
+
+
 def tune_config(base: dict[str, Any], split: str, method: str, lr: float, seed: int, quick: bool = False) -> dict[str, Any]:
     """The flat config of one tuning run: ``method``'s entry at ``lr``, scored on the
     validation share."""
     return {
-        **base, **SPLITS[split], **ENTRIES[method], "train.lr": lr, "seed": seed,
+        **run_config(base, split, method, lr, seed),
         "data.validation-size": 120 if quick else VALIDATION_SIZE, "eval.split": "validation",
     }
 
@@ -197,7 +202,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     for split in splits:
         tuned: dict[str, float] = {}
-        for method in (m for m in TUNE if args.tune and any(method_of(e) == m for e in entries)):
+        for method in (m for m in TUNE if any(method_of(e) == m for e in entries)) if args.tune else ():
             scores: dict[float, float | None] = {}
             for lr in TUNE[method]:
                 flat = tune_config(base, split, method, lr, args.tune_seed, args.quick)
@@ -214,7 +219,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             runs = {}
             lr = lr_of(entry, tuned)
             for seed in seeds:
-                flat = {**base, **SPLITS[split], **ENTRIES[entry], "train.lr": lr, "seed": seed}
+                flat = run_config(base, split, entry, lr, seed)
                 summary = one(flat, args.out / "runs" / split / f"{entry}-seed{seed}", f"{split} {entry} seed {seed}")
                 if summary is not None:
                     runs[seed] = summary

@@ -75,8 +75,7 @@ def test_the_compressed_configs_are_the_benchmarks_runs(name, entry, seed, capsy
     got = json.loads(capsys.readouterr().out)
     got = got.get("config", got)
     args = bench.parser().parse_args([])
-    flat = {**bench.budget(args), **bench.SPLITS["iid"], **bench.ENTRIES[entry],
-            "train.lr": bench.lr_of(entry), "seed": seed}
+    flat = bench.run_config(bench.budget(args), "iid", entry, bench.lr_of(entry), seed)
     want = parse_run_config(flat).to_flat()
     for key in ("output.dir", "output.save-adapter"):  # where and whether the adapter is kept
         got.pop(key, None)
